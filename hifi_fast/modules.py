@@ -1,0 +1,111 @@
+"""Projection modules with trainable head slices.
+
+``patch`` switches a projection's class to ``HiFiLinear``/``HiFiConv1D`` in place (state-dict keys
+and the base weight object stay the same) and attaches the compact slices: ``hifi_weight``
+(and ``hifi_bias``). The base weight stays the one tensor the forward GEMM reads; whenever the
+slices changed since the last forward (an optimizer step, a load), their values are copied into it
+first, so no call is needed after ``optimizer.step()``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import ProjectionSlice
+from .ops import feature_index
+from .sparse_head_linear import COLS, ROWS, sparse_head_linear
+
+
+class HeadSliceMixin:
+    """The parts shared by the Linear and Conv1D variants; ``weight_2d`` is ``[d_out, d_in]``."""
+
+    hifi_weight: nn.Parameter
+    hifi_bias: nn.Parameter | None
+    hifi_blocks: torch.Tensor
+    hifi_index: torch.Tensor
+
+    def weight_2d(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attach_slices(self, spec: ProjectionSlice) -> None:
+        """Create the compact trainable slices from the current base weight."""
+        weight = self.weight_2d()
+        blocks = torch.tensor(spec.blocks, dtype=torch.long, device=weight.device)
+        index = feature_index(blocks, spec.block_size)
+        self.hifi_sliced, self.hifi_block_size = spec.sliced, spec.block_size
+        self.register_buffer("hifi_blocks", blocks, persistent=False)
+        self.register_buffer("hifi_index", index, persistent=False)
+        dim = 0 if spec.sliced == ROWS else 1
+        self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).clone())
+        bias = self.bias if spec.sliced == ROWS else None
+        self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].clone())
+        self.hifi_synced_version = self.slice_version()
+
+    def slice_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in (self.hifi_weight, self.hifi_bias) if p is not None)
+
+    @torch.no_grad()
+    def sync_slices(self) -> None:
+        """Write the compact slices into the base weight if they changed since the last write."""
+        version = self.slice_version()
+        if version == self.hifi_synced_version:
+            return
+        dim = 0 if self.hifi_sliced == ROWS else 1
+        self.weight_2d().index_copy_(dim, self.hifi_index, self.hifi_weight.to(self.weight.dtype))
+        if self.hifi_bias is not None:
+            self.bias.index_copy_(0, self.hifi_index, self.hifi_bias.to(self.bias.dtype))
+        self.hifi_synced_version = self.slice_version()
+
+    def detach_slices(self) -> None:
+        """Write the slices back and remove them; the module is its plain class again."""
+        self.sync_slices()
+        for name in ("hifi_weight", "hifi_bias", "hifi_blocks", "hifi_index"):
+            delattr(self, name)
+        for name in ("hifi_sliced", "hifi_block_size", "hifi_synced_version"):
+            self.__dict__.pop(name, None)
+        self.__class__ = PLAIN_CLASS[type(self)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sync_slices()
+        return sparse_head_linear(
+            x, self.weight_2d(), self.bias, self.hifi_weight, self.hifi_bias,
+            self.hifi_blocks, self.hifi_block_size, self.hifi_sliced,
+        )
+
+    def extra_repr(self) -> str:
+        heads = [b // self.hifi_block_size for b in self.hifi_blocks.tolist()]
+        return f"{super().extra_repr()}, trainable_{self.hifi_sliced}_blocks={heads}, block_size={self.hifi_block_size}"
+
+
+class HiFiLinear(HeadSliceMixin, nn.Linear):
+    """``nn.Linear`` whose only trainable parameters are head slices."""
+
+    def weight_2d(self) -> torch.Tensor:
+        return self.weight
+
+
+class HiFiConv1D(HeadSliceMixin, Conv1D):
+    """GPT-2 ``Conv1D`` (weight ``[d_in, d_out]``) whose only trainable parameters are head slices."""
+
+    def weight_2d(self) -> torch.Tensor:
+        return self.weight.t()
+
+
+HIFI_CLASS = {nn.Linear: HiFiLinear, Conv1D: HiFiConv1D}
+PLAIN_CLASS = {v: k for k, v in HIFI_CLASS.items()}
+
+
+def convert(module: nn.Module, spec: ProjectionSlice) -> None:
+    """Turn a plain projection into its head-slice variant in place."""
+    module.__class__ = HIFI_CLASS[type(module)]
+    module.attach_slices(spec)
+
+
+def slice_param_count(module: nn.Module, spec: ProjectionSlice) -> int:
+    """Trainable parameters the slice ``spec`` of ``module`` has (bias entries included)."""
+    weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+    width = len(spec.blocks) * spec.block_size
+    if spec.sliced == COLS:
+        return width * weight.shape[0]
+    return width * weight.shape[1] + (width if module.bias is not None else 0)

@@ -1,0 +1,34 @@
+"""Sparse-head weight gradients in plain PyTorch (DESIGN §2, "Sparse-head backward").
+
+Heads are given as ``blocks``: the first feature index of each selected head block of
+``block_size`` features. For ``y = x Wᵀ + b`` with only the rows ``S`` of the head blocks trainable,
+``∂W_S = ∂y[:, S]ᵀ x`` and ``∂b_S = Σ ∂y[:, S]``; with only the input columns ``S`` trainable (the
+output projection), ``∂W[:, S] = ∂yᵀ x[:, S]``. ``grad_out`` and ``inp`` are 2-D ``[N, features]``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def feature_index(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Feature indices ``[len(blocks) * block_size]`` covered by the head blocks, in block order."""
+    offsets = torch.arange(block_size, device=blocks.device, dtype=blocks.dtype)
+    return (blocks[:, None] + offsets).reshape(-1)
+
+
+def head_rows_grad(
+    grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(∂W_S [nb*bs, d_in], ∂b_S [nb*bs] or None)`` for head rows ``S`` of a row-sliced projection."""
+    grad_sel = grad_out.index_select(1, feature_index(blocks, block_size))
+    grad_weight = torch.mm(grad_sel.t(), inp)
+    grad_bias = grad_sel.sum(0, dtype=torch.float32).to(grad_out.dtype) if with_bias else None
+    return grad_weight, grad_bias
+
+
+def head_cols_grad(
+    grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """``∂W[:, S]`` ``[d_out, nb*bs]`` for head input columns ``S`` of the output projection."""
+    inp_sel = inp.index_select(1, feature_index(blocks, block_size))
+    return torch.mm(grad_out.t(), inp_sel)

@@ -1,0 +1,153 @@
+"""``patch`` / ``unpatch``: make only the selected heads' slices (and the task head) trainable."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import ProjectionSlice, attention_layers, get_adapter
+from .config import HiFiConfig
+from .modules import HeadSliceMixin, convert, slice_param_count
+from .selection import HeadSelection, select_heads
+
+STATE_ATTR = "hifi_state"
+
+
+@dataclass
+class HiFiState:
+    """What ``patch`` did to a model, kept on it as ``model.hifi_state``."""
+
+    selection: HeadSelection
+    slices: list[ProjectionSlice]
+    modules_to_save: list[str]
+    base_fingerprint: str
+    requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def weights_fingerprint(model: nn.Module, exclude_prefixes: Iterable[str] = ()) -> str:
+    """A hash of every parameter's name, shape, dtype and bytes, skipping ``exclude_prefixes``
+    (the task head, which a fresh model initialises at random)."""
+    prefixes = tuple(p + "." for p in exclude_prefixes)
+    digest = hashlib.blake2b(digest_size=16)
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes) or name.rsplit(".", 1)[-1].startswith("hifi_"):
+            continue
+        tensor = param.detach().contiguous().cpu()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def plan_slices(model: nn.Module, selection: HeadSelection) -> list[ProjectionSlice]:
+    """The projection slices ``selection`` trains, after checking it fits ``model``."""
+    layers = attention_layers(model)
+    num_heads = layers[0].num_heads
+    for layer, heads in selection.heads.items():
+        if layer >= len(layers):
+            raise ValueError(f"selection names layer {layer}, but the model has layers 0..{len(layers) - 1}")
+        bad = [h for h in heads if h >= num_heads]
+        if bad:
+            raise ValueError(f"selection names heads {bad} of layer {layer}, but the model has heads 0..{num_heads - 1}")
+    return [s for layer, heads in selection.heads.items() for s in layers[layer].slices(heads)]
+
+
+def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """``names`` checked against the model, or the architecture's task head when ``None``."""
+    if names is None:
+        return get_adapter(model).default_modules_to_save(model)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or n == ""]
+    if missing:
+        raise ValueError(f"modules_to_save names {missing}, which the model does not have")
+    return list(names)
+
+
+def patch(
+    model: nn.Module,
+    selection: HeadSelection | HiFiConfig,
+    batches: Iterable[dict] | None = None,
+    modules_to_save: list[str] | None = None,
+) -> nn.Module:
+    """Make only the selected heads' Q/K/V/O slices and the task head trainable, in place.
+
+    Args:
+        model: a supported ``transformers`` model (see ``hifi_fast.SUPPORTED_MODEL_TYPES``).
+        selection: a ``HeadSelection``, or a ``HiFiConfig`` to score ``batches`` and select by.
+        batches: scoring batches (dicts with ``input_ids``/``attention_mask``), with a config only.
+        modules_to_save: modules trained in full; default: the config's, else the task head.
+
+    Returns:
+        ``model``, patched: its trainable parameters are the compact slices (``*.hifi_weight``,
+        ``*.hifi_bias``) and the task head.
+    """
+    if is_patched(model):
+        raise ValueError("model is already patched by hifi_fast; call hifi_fast.unpatch(model) first")
+    if isinstance(selection, HiFiConfig):
+        if batches is None:
+            raise ValueError("patch(model, HiFiConfig) needs batches= to score the heads on")
+        from .scoring import score_heads
+
+        config = selection
+        scores = score_heads(model, batches, num_examples=config.num_scoring_examples, damping=config.damping)
+        selection = select_heads(scores, config)
+        if modules_to_save is None:
+            modules_to_save = config.modules_to_save
+    elif not isinstance(selection, HeadSelection):
+        raise TypeError(f"patch: selection must be a HeadSelection or HiFiConfig, got {type(selection).__name__}")
+    slices = plan_slices(model, selection)
+    to_save = resolve_modules_to_save(model, modules_to_save)
+    fingerprint = weights_fingerprint(model, to_save)
+
+    modules = dict(model.named_modules())
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for spec in slices:
+        convert(modules[spec.module_name], spec)
+    for name in to_save:
+        modules[name].requires_grad_(True)
+    setattr(model, STATE_ATTR, HiFiState(selection, slices, to_save, fingerprint, requires_grad))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Write the trained slices into the base weights and remove every trace of hifi_fast; returns
+    the plain ``transformers`` model (the "merge", free by construction)."""
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        raise ValueError("model is not patched by hifi_fast; nothing to unpatch")
+    for module in model.modules():
+        if isinstance(module, HeadSliceMixin):
+            module.detach_slices()
+    for name, param in model.named_parameters():
+        param.requires_grad_(state.requires_grad.get(name, True))
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def head_param_cost(model: nn.Module) -> int:
+    """Trainable parameters one head costs at most (its own K/V group rows included)."""
+    layer = attention_layers(model)[0]
+    modules = dict(model.named_modules())
+    return sum(slice_param_count(modules[s.module_name], s) for s in layer.slices([0]))
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)``; the compact slices are copies of base weights, so "all" is the base
+    model's size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.rsplit(".", 1)[-1].startswith("hifi_"))
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: N || all params: M || trainable%: P`` (peft's format)."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

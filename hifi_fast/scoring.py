@@ -1,0 +1,129 @@
+"""The scoring pass (DESIGN §1.1-1.4): one frozen forward over the scoring set, per-head statistics
+accumulated while streaming from a hook on each output projection's input."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import attention_layers
+from .backends import ops_for
+from .ops import cka_from_cross, entropy_from_grams
+from .pagerank import pagerank
+from .patching import head_param_cost
+from .scores import HeadScores
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+class _Accumulator:
+    """Running sums of per-example entropy and CKA for every layer, on the model's device."""
+
+    def __init__(self, num_layers: int, num_heads: int, device: torch.device) -> None:
+        self.entropy = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
+        self.cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
+        self.finite = torch.ones(num_layers, dtype=torch.bool, device=device)
+        self.mask: torch.Tensor | None = None
+
+    def add(self, layer: int, context: torch.Tensor, num_heads: int) -> None:
+        batch, tokens, width = context.shape
+        context = context.view(batch, tokens, num_heads, width // num_heads)
+        self.finite[layer] &= torch.isfinite(context).all()
+        gram, cross = ops_for(context).head_grams(context, self.mask)
+        self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
+        self.cka[layer] += cka_from_cross(cross).to(torch.float64).sum(dim=0)
+
+
+def _model_inputs(batch: dict, device: torch.device, index: int) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask')")
+    inputs = {k: torch.as_tensor(batch[k]).to(device) for k in MODEL_INPUTS if k in batch}
+    if inputs["input_ids"].dim() != 2:
+        raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
+    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    return inputs
+
+
+def _check_mask(mask: torch.Tensor, index: int) -> None:
+    valid = (mask != 0).sum(dim=1)
+    if int(valid.sum()) == 0:
+        raise ValueError(f"scoring batch {index} is all padding (attention_mask has no nonzero entry)")
+    empty = (valid == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"scoring batch {index}: examples {empty} are all padding; drop them from the scoring set")
+
+
+@torch.no_grad()
+def score_heads(
+    model: nn.Module,
+    batches: Iterable[dict],
+    num_examples: int = 256,
+    damping: float = 0.85,
+    progress: bool = False,
+) -> HeadScores:
+    """Score every attention head of ``model`` on up to ``num_examples`` examples of ``batches``.
+
+    Args:
+        model: a supported ``transformers`` model; run frozen in eval mode (its mode is restored).
+        batches: iterable of dicts with ``input_ids`` ``[B, T]`` and ``attention_mask`` (other keys,
+            e.g. ``labels``, are ignored). Padding tokens take no part in any statistic.
+        num_examples: examples to read; the last batch is cut to fit.
+        damping: PageRank damping.
+        progress: show a tqdm bar.
+
+    Returns:
+        ``HeadScores`` with ``richness`` ``[L, H]``, ``correlation`` ``[L, H, H]``, ``pagerank`` ``[L, H]``.
+    """
+    if num_examples < 1:
+        raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    layers = attention_layers(model)
+    num_heads = layers[0].num_heads
+    device = next(model.parameters()).device
+    acc = _Accumulator(len(layers), num_heads, device)
+    modules = dict(model.named_modules())
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            acc.add(layer, args[0], num_heads)
+        return hook
+
+    handles = [modules[layer.o].register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    forward = getattr(model, "base_model", model)
+    try:
+        with tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
+            for index, batch in enumerate(batches):
+                inputs = _model_inputs(batch, device, index)
+                inputs = {k: v[: num_examples - seen] for k, v in inputs.items()}
+                _check_mask(inputs["attention_mask"], index)
+                acc.mask = inputs["attention_mask"]
+                forward(**inputs)
+                taken = inputs["input_ids"].shape[0]
+                seen += taken
+                bar.update(taken)
+                if seen >= num_examples:
+                    break
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise ValueError("the scoring set is empty: batches yielded no example")
+    bad = (~acc.finite).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"non-finite (NaN/inf) attention outputs in layers {bad} while scoring")
+    richness = acc.entropy / seen
+    correlation = acc.cka / seen
+    correlation.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    return HeadScores(
+        richness=richness.cpu(),
+        correlation=correlation.cpu(),
+        pagerank=pagerank(correlation, richness, damping).cpu(),
+        num_examples=seen,
+        damping=damping,
+        params_per_head=head_param_cost(model),
+    )

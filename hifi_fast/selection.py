@@ -1,0 +1,128 @@
+"""Which heads train: ``HeadSelection`` and the selection rules of DESIGN §1.5."""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+
+from .config import HiFiConfig
+from .pagerank import pagerank
+from .scores import HeadScores
+
+
+class HeadSelection:
+    """``{layer index: sorted head indices}``, plus the scores it was chosen by (optional).
+
+    >>> HeadSelection({0: [1, 3], 2: [0]}).heads
+    {0: [1, 3], 2: [0]}
+    """
+
+    def __init__(self, heads: Mapping[int, list[int]], scores: HeadScores | None = None) -> None:
+        normalised: dict[int, list[int]] = {}
+        for layer, layer_heads in heads.items():
+            layer = _non_negative_int(layer, "layer index")
+            indices = [_non_negative_int(h, f"head index of layer {layer}") for h in layer_heads]
+            if len(set(indices)) != len(indices):
+                raise ValueError(f"HeadSelection: layer {layer} lists a head twice: {list(layer_heads)}")
+            if indices:
+                normalised[layer] = sorted(indices)
+        if not normalised:
+            raise ValueError("HeadSelection: selects no head; give at least one {layer: [heads]} entry")
+        self.heads = dict(sorted(normalised.items()))
+        self.scores = scores
+
+    @property
+    def num_heads(self) -> int:
+        """Number of selected heads over all layers."""
+        return sum(len(h) for h in self.heads.values())
+
+    def to_dict(self) -> dict:
+        data: dict = {"heads": {str(k): v for k, v in self.heads.items()}}
+        if self.scores is not None:
+            data["scores"] = self.scores.to_dict()
+        return data
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "HeadSelection":
+        if not isinstance(data, Mapping) or "heads" not in data:
+            raise ValueError("HeadSelection.from_json: expected an object with a 'heads' entry")
+        scores = HeadScores.from_dict(data["scores"]) if data.get("scores") else None
+        return cls({int(k): v for k, v in data["heads"].items()}, scores)
+
+    @classmethod
+    def from_json(cls, text: str) -> "HeadSelection":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"HeadSelection.from_json: not valid JSON ({err})") from None
+        return cls.from_dict(data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeadSelection) and self.heads == other.heads
+
+    def __repr__(self) -> str:
+        return f"HeadSelection({self.heads})"
+
+
+def _non_negative_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"HeadSelection: {what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def ranking_scores(scores: HeadScores, config: HiFiConfig) -> torch.Tensor:
+    """The ``[L, H]`` score that ranks heads for ``config.score``."""
+    if config.score == "pagerank":
+        if config.damping == scores.damping:
+            return scores.pagerank
+        return pagerank(scores.correlation, scores.richness, config.damping)
+    if config.score == "richness":
+        return scores.richness.to(torch.float64)
+    if config.score == "correlation":
+        return pagerank(scores.correlation, None, config.damping)
+    generator = torch.Generator().manual_seed(config.seed)
+    return torch.rand(scores.richness.shape, generator=generator, dtype=torch.float64)
+
+
+def resolve_heads_per_layer(scores: HeadScores, config: HiFiConfig) -> int:
+    """``k`` from the config, checked against the model, or derived from the parameter budget."""
+    num_layers, num_heads = scores.richness.shape
+    if config.heads_per_layer is not None:
+        k = config.heads_per_layer
+        if k > num_heads:
+            raise ValueError(f"heads_per_layer={k} exceeds the model's {num_heads} heads per layer")
+        return k
+    k = min(num_heads, config.trainable_param_budget // (num_layers * scores.params_per_head))
+    if k < 1:
+        raise ValueError(
+            f"trainable_param_budget={config.trainable_param_budget} is below one head per layer "
+            f"({num_layers} layers x {scores.params_per_head} parameters per head)"
+        )
+    return k
+
+
+def _top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest values along the last dim, ties to the lower index."""
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def select_heads(scores: HeadScores, config: HiFiConfig) -> HeadSelection:
+    """Select heads by ``config`` from ``scores`` (DESIGN §1.5)."""
+    k = resolve_heads_per_layer(scores, config)
+    rank = ranking_scores(scores, config).cpu()
+    num_layers, num_heads = rank.shape
+    if config.selection == "per_layer":
+        chosen = _top_k(rank, k)
+        heads = {layer: chosen[layer].tolist() for layer in range(num_layers)}
+    else:
+        layer_sum = rank.sum(dim=-1, keepdim=True)
+        relative = torch.where(layer_sum > 0, rank / layer_sum, torch.zeros_like(rank))
+        flat = _top_k(relative.flatten(), k * num_layers).tolist()
+        heads = {}
+        for index in flat:
+            heads.setdefault(index // num_heads, []).append(index % num_heads)
+    return HeadSelection(heads, scores)

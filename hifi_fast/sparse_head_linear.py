@@ -1,0 +1,66 @@
+"""``y = x Wᵀ + b`` whose only trainable parts are head slices of ``W`` (DESIGN §2).
+
+The forward is the base model's one GEMM on the base weight, which already holds the current slice
+values. The backward returns the dense input gradient and the compact gradient of the slices only:
+no full-size weight gradient ever exists.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import ops_for
+
+ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
+COLS = "cols"  # head blocks are input features (the output projection)
+
+
+class SparseHeadLinearFunction(torch.autograd.Function):
+    """Autograd Function of ``sparse_head_linear``; ``slice_weight``/``slice_bias`` only carry the
+    gradient (their values are read through ``weight``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced):
+        ctx.save_for_backward(x, weight, blocks)
+        ctx.block_size, ctx.sliced = block_size, sliced
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, blocks = ctx.saved_tensors
+        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        x_2d = x.reshape(-1, x.shape[-1])
+        ops = ops_for(grad_2d)
+        grad_slice_bias = None
+        if ctx.sliced == ROWS:
+            grad_slice, grad_slice_bias = ops.head_rows_grad(
+                grad_2d, x_2d, blocks, ctx.block_size, ctx.needs_input_grad[4]
+            )
+        else:
+            grad_slice = ops.head_cols_grad(grad_2d, x_2d, blocks, ctx.block_size)
+        return grad_x, None, None, grad_slice, grad_slice_bias, None, None, None
+
+
+def sparse_head_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slice_weight: torch.Tensor,
+    slice_bias: torch.Tensor | None,
+    blocks: torch.Tensor,
+    block_size: int,
+    sliced: str,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with gradients flowing to the head slices only.
+
+    Args:
+        weight: ``[d_out, d_in]`` frozen base weight, holding the current slice values.
+        slice_weight: trainable ``[nb*bs, d_in]`` (``sliced="rows"``) or ``[d_out, nb*bs]``
+            (``sliced="cols"``).
+        slice_bias: trainable ``[nb*bs]`` bias entries of the rows, or ``None``.
+        blocks: ``[nb]`` first feature of each head block; ``block_size``: features per block.
+    """
+    if not torch.is_grad_enabled() or not (x.requires_grad or slice_weight.requires_grad):
+        return F.linear(x, weight, bias)
+    return SparseHeadLinearFunction.apply(x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced)
