@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random models of every supported family, built in code (no downloads).
+
+``TRITON_INTERPRET=1`` is set before anything imports Triton, so the Triton kernels run on CPU
+tensors under the interpreter (correctness only, never speed).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    logging as hf_logging,
+)
+
+hf_logging.set_verbosity_error()
+
+VOCAB = 97
+FAMILIES = ("bert", "gpt2", "llama")
+
+
+def tiny_model(family: str, seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.float32):
+    """A tiny random sequence classifier of ``family`` in eval mode (no dropout)."""
+    torch.manual_seed(seed)
+    if family == "bert":
+        config = BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64, num_labels=num_labels,
+        )
+        model = BertForSequenceClassification(config)
+    elif family == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+            max_position_embeddings=64, num_labels=num_labels,
+        )
+        model = DistilBertForSequenceClassification(config)
+    elif family == "gpt2":
+        config = GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+            num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        )
+        model = GPT2ForSequenceClassification(config)
+    elif family == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=48, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+            num_labels=num_labels, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+        )
+        model = LlamaForSequenceClassification(config)
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def tiny_batch(seed: int = 0, batch: int = 4, tokens: int = 11, pad_rows: dict | None = None):
+    """A batch dict with right padding: ``pad_rows`` maps row -> number of valid tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, VOCAB, (batch, tokens), generator=generator)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    for row, valid in (pad_rows if pad_rows is not None else {1: tokens - 4, 3: 3}).items():
+        mask[row, valid:] = 0
+        input_ids[row, valid:] = 0
+    labels = torch.randint(0, 3, (batch,), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
