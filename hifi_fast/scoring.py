@@ -32,6 +32,8 @@ class _Accumulator:
         context = context.view(batch, tokens, num_heads, width // num_heads)
         self.finite[layer] &= torch.isfinite(context).all()
         gram, cross = ops_for(context).head_grams(context, self.mask)
+        # NaNs would make the eigen-solver raise an opaque error; they are reported by layer at the end.
+        gram, cross = torch.nan_to_num(gram, 0.0, 0.0, 0.0), torch.nan_to_num(cross, 0.0, 0.0, 0.0)
         self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
         self.cka[layer] += cka_from_cross(cross).to(torch.float64).sum(dim=0)
 

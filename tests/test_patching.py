@@ -1,0 +1,196 @@
+"""patch/unpatch (DESIGN §1.6, §2): gradient equivalence with masked full fine-tuning, no full-size
+weight gradient, one GEMM per projection, parameter counts and refused bad input."""
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hifi_fast
+from conftest import tiny_batch, tiny_model
+from reference import geometry, trainable_masks
+
+SELECTIONS = {
+    "bert": {0: [1], 2: [0, 3]},
+    "gpt2": {0: [0, 1, 2, 3], 1: [2]},
+    "llama": {0: [0, 1], 1: [4], 2: [2, 5]},  # 6 query heads, 2 KV groups of 3
+}
+TASK_HEAD = {"bert": "classifier", "gpt2": "score", "llama": "score"}
+
+
+def _loss(model, batch):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def test_one_sgd_step_equals_masked_full_fine_tuning(family):
+    base = tiny_model(family)
+    batch, lr = tiny_batch(seed=5), 0.5
+    patched = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS[family]))
+    opt = torch.optim.SGD([p for p in patched.parameters() if p.requires_grad], lr=lr)
+    _loss(patched, batch).backward()
+    opt.step()
+    logits_after = patched(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    full = copy.deepcopy(base)
+    masks = trainable_masks(full, family, SELECTIONS[family], (TASK_HEAD[family],))
+    _loss(full, batch).backward()
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            p -= lr * p.grad * masks[name]
+    full_logits = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(logits_after, full_logits, atol=1e-6, rtol=0)
+
+    merged = dict(hifi_fast.unpatch(patched).named_parameters())
+    for name, p in full.named_parameters():
+        torch.testing.assert_close(merged[name], p, atol=1e-6, rtol=0)
+        untouched = ~masks[name]
+        assert torch.equal(merged[name][untouched], dict(base.named_parameters())[name][untouched]), name
+        if masks[name].any() and name.split(".")[0] != TASK_HEAD[family]:
+            assert not torch.equal(merged[name], dict(base.named_parameters())[name]), f"{name} did not train"
+
+
+def test_frozen_parameters_never_get_a_gradient(family):
+    model = hifi_fast.patch(tiny_model(family), hifi_fast.HeadSelection(SELECTIONS[family]))
+    _loss(model, tiny_batch()).backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, name
+        if p.requires_grad:
+            assert p.grad.shape == p.shape
+
+
+def test_saved_tensors_hold_no_full_size_weight_copy(family):
+    model = hifi_fast.patch(tiny_model(family), hifi_fast.HeadSelection(SELECTIONS[family]))
+    weights = {tuple(p.shape): p for n, p in model.named_parameters() if n.endswith("weight") and p.dim() == 2}
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = _loss(model, tiny_batch())
+    loss.backward()
+    for t in saved:
+        shape = tuple(t.shape)
+        if shape in weights or shape[::-1] in weights:
+            assert t.untyped_storage().data_ptr() in storages, f"saved a copy of a {shape} weight"
+
+
+class _CountGemms(TorchDispatchMode):
+    GEMMS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ in self.GEMMS
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_costs_the_base_models_gemms(family):
+    base = tiny_model(family)
+    patched = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS[family]))
+    batch = tiny_batch()
+    counts = []
+    for model in (base, patched):
+        with _CountGemms() as mode:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        counts.append(mode.count)
+    assert counts[0] == counts[1] > 0
+
+
+def _expected_trainable(model, family, selection):
+    num_layers, num_heads, kv_heads, d, hidden = geometry(model, family)
+    group = num_heads // kv_heads
+    total = sum(p.numel() for p in getattr(model, TASK_HEAD[family]).parameters())
+    for heads in selection.values():
+        groups = len({h // group for h in heads})
+        if family == "llama":  # no biases; K/V rows per group
+            total += len(heads) * 2 * d * hidden + groups * 2 * d * hidden
+        else:  # Q/K/V rows with bias, O columns without
+            total += len(heads) * (3 * (d * hidden + d) + hidden * d)
+    return total
+
+
+def test_trainable_parameter_count_matches_formula(family, capsys):
+    model = tiny_model(family)
+    total = sum(p.numel() for p in model.parameters())
+    expected = _expected_trainable(model, family, SELECTIONS[family])
+    hifi_fast.patch(model, hifi_fast.HeadSelection(SELECTIONS[family]))
+    assert hifi_fast.count_parameters(model) == (expected, total)
+    hifi_fast.print_trainable_parameters(model)
+    assert capsys.readouterr().out.strip() == (
+        f"trainable params: {expected:,d} || all params: {total:,d} || trainable%: {100 * expected / total:.4f}"
+    )
+
+
+def test_adamw_steps_reach_the_next_forward_and_unpatch_restores_plain_model(family):
+    base = tiny_model(family)
+    model = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS[family]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tiny_batch()
+    for _ in range(2):
+        opt.zero_grad()
+        _loss(model, batch).backward()
+        opt.step()
+    trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = hifi_fast.unpatch(model)
+    assert not hasattr(plain, "hifi_state")
+    assert not any("hifi" in n for n, _ in plain.named_parameters())
+    assert not any("HiFi" in type(m).__name__ for m in plain.modules())
+    assert all(p.requires_grad for p in plain.parameters())
+    torch.testing.assert_close(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, trained)
+    assert set(plain.state_dict()) == set(base.state_dict())
+
+
+def test_patch_with_config_scores_and_selects():
+    model = tiny_model("llama")
+    cfg = hifi_fast.HiFiConfig(heads_per_layer=2, num_scoring_examples=6)
+    hifi_fast.patch(model, cfg, batches=[tiny_batch(), tiny_batch(seed=1)])
+    selection = model.hifi_state.selection
+    assert all(len(h) == 2 for h in selection.heads.values()) and len(selection.heads) == 3
+    assert selection.scores.num_examples == 6
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        ({5: [0]}, r"layer 5, but the model has layers 0\.\.2"),
+        ({0: [0, 4]}, r"heads \[4\] of layer 0, but the model has heads 0\.\.3"),
+    ],
+)
+def test_out_of_range_selection_changes_nothing(selection, message):
+    model = tiny_model("bert")
+    before = _state(model)
+    with pytest.raises(ValueError, match=message):
+        hifi_fast.patch(model, hifi_fast.HeadSelection(selection))
+    after = _state(model)
+    assert before[1] == after[1] and all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert not hifi_fast.is_patched(model)
+
+
+def test_patch_twice_and_unpatch_unpatched_are_refused():
+    model = tiny_model("gpt2")
+    with pytest.raises(ValueError, match="not patched"):
+        hifi_fast.unpatch(model)
+    hifi_fast.patch(model, hifi_fast.HeadSelection({0: [0]}))
+    with pytest.raises(ValueError, match="already patched"):
+        hifi_fast.patch(model, hifi_fast.HeadSelection({1: [0]}))
+    assert model.hifi_state.selection.heads == {0: [0]}
+
+
+def test_bad_arguments():
+    model = tiny_model("bert")
+    with pytest.raises(TypeError, match="HeadSelection or HiFiConfig"):
+        hifi_fast.patch(model, {0: [1]})
+    with pytest.raises(ValueError, match="needs batches"):
+        hifi_fast.patch(model, hifi_fast.HiFiConfig())
+    with pytest.raises(ValueError, match="modules_to_save names"):
+        hifi_fast.patch(model, hifi_fast.HeadSelection({0: [1]}), modules_to_save=["nope"])
+    assert not hifi_fast.is_patched(model)
+
+
+def test_modules_to_save_empty_trains_slices_only():
+    model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection({0: [1]}), modules_to_save=[])
+    assert all("hifi_" in n for n, p in model.named_parameters() if p.requires_grad)
