@@ -36,7 +36,11 @@ def head_grams(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def entropy_from_grams(gram: torch.Tensor) -> torch.Tensor:
     """Singular-value entropy ``[...]`` from Grams ``[..., d, d]``: ``σ = sqrt(eig(CᵀC))``,
     ``p = σ / Σσ``, ``H = -Σ p log p`` (0 for an all-zero output)."""
-    sigma = torch.linalg.eigvalsh(gram).clamp_min(0.0).sqrt()
+    eig = torch.linalg.eigvalsh(gram)
+    # Eigenvalues below the solver's rounding (≈ d·eps·λ_max) are zeros of a rank-deficient Gram;
+    # left in, their square roots (≈1e-8·σ_max) would add spurious entropy.
+    cutoff = eig[..., -1:] * (gram.shape[-1] * torch.finfo(gram.dtype).eps)
+    sigma = torch.where(eig > cutoff, eig, torch.zeros_like(eig)).sqrt()
     total = sigma.sum(dim=-1, keepdim=True)
     p = sigma / torch.where(total > 0, total, torch.ones_like(total))
     return -torch.special.xlogy(p, p).sum(dim=-1)
