@@ -48,14 +48,16 @@ class HeadSliceMixin:
     @torch.no_grad()
     def sync_slices(self) -> None:
         """Write the compact slices into the base weight if they changed since the last write."""
-        version = self.slice_version()
-        if version == self.hifi_synced_version:
+        # Compiled graphs cannot guard on version counters: there the copy (k·d_h rows, no FLOPs)
+        # simply runs every forward.
+        if not torch.compiler.is_compiling() and self.slice_version() == self.hifi_synced_version:
             return
         dim = 0 if self.hifi_sliced == ROWS else 1
         self.weight_2d().index_copy_(dim, self.hifi_index, self.hifi_weight.to(self.weight.dtype))
         if self.hifi_bias is not None:
             self.bias.index_copy_(0, self.hifi_index, self.hifi_bias.to(self.bias.dtype))
-        self.hifi_synced_version = self.slice_version()
+        if not torch.compiler.is_compiling():
+            self.hifi_synced_version = self.slice_version()
 
     def detach_slices(self) -> None:
         """Write the slices back and remove them; the module is its plain class again."""

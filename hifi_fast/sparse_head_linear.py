@@ -3,6 +3,10 @@
 The forward is the base model's one GEMM on the base weight, which already holds the current slice
 values. The backward returns the dense input gradient and the compact gradient of the slices only:
 no full-size weight gradient ever exists.
+
+The weight-gradient ops are ``torch.library`` custom ops (``hifi_fast::head_rows_grad``,
+``hifi_fast::head_cols_grad``) with fake implementations, so ``torch.compile`` traces through the
+layer without a graph break while the backend dispatch stays eager.
 """
 from __future__ import annotations
 
@@ -13,6 +17,32 @@ from .backends import ops_for
 
 ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
 COLS = "cols"  # head blocks are input features (the output projection)
+
+
+@torch.library.custom_op("hifi_fast::head_rows_grad", mutates_args=())
+def head_rows_grad(
+    grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂W_S, ∂b_S)`` on the dispatched backend; ``∂b_S`` is empty when ``with_bias`` is false."""
+    grad_weight, grad_bias = ops_for(grad_out).head_rows_grad(grad_out, inp, blocks, block_size, with_bias)
+    return grad_weight, grad_bias if grad_bias is not None else grad_out.new_empty(0)
+
+
+@head_rows_grad.register_fake
+def _(grad_out, inp, blocks, block_size, with_bias):
+    width = blocks.shape[0] * block_size
+    return grad_out.new_empty(width, inp.shape[1]), grad_out.new_empty(width if with_bias else 0)
+
+
+@torch.library.custom_op("hifi_fast::head_cols_grad", mutates_args=())
+def head_cols_grad(grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``∂W[:, S]`` on the dispatched backend."""
+    return ops_for(grad_out).head_cols_grad(grad_out, inp, blocks, block_size)
+
+
+@head_cols_grad.register_fake
+def _(grad_out, inp, blocks, block_size):
+    return grad_out.new_empty(grad_out.shape[1], blocks.shape[0] * block_size)
 
 
 class SparseHeadLinearFunction(torch.autograd.Function):
@@ -31,14 +61,13 @@ class SparseHeadLinearFunction(torch.autograd.Function):
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, x.shape[-1])
-        ops = ops_for(grad_2d)
         grad_slice_bias = None
         if ctx.sliced == ROWS:
-            grad_slice, grad_slice_bias = ops.head_rows_grad(
-                grad_2d, x_2d, blocks, ctx.block_size, ctx.needs_input_grad[4]
-            )
+            with_bias = ctx.needs_input_grad[4]
+            grad_slice, grad_slice_bias = head_rows_grad(grad_2d, x_2d, blocks, ctx.block_size, with_bias)
+            grad_slice_bias = grad_slice_bias if with_bias else None
         else:
-            grad_slice = ops.head_cols_grad(grad_2d, x_2d, blocks, ctx.block_size)
+            grad_slice = head_cols_grad(grad_2d, x_2d, blocks, ctx.block_size)
         return grad_x, None, None, grad_slice, grad_slice_bias, None, None, None
 
 
