@@ -1,0 +1,220 @@
+"""``python -m bench.run --suite quick|full --device cpu|cuda``: HiFi vs LoRA vs full fine-tuning vs
+the frozen lower bound, side by side in one run.
+
+Writes under ``bench/results/<device>/``: ``results.csv`` (long format: method, backend, mode,
+metric, x_name, x_value, p20, p50, p80, device, torch, triton), ``summary.md`` and PNG plots.
+Each measurement runs in its own process (``bench.worker``) so its peak memory is its own.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+FIELDS = ["method", "backend", "mode", "metric", "x_name", "x_value", "p20", "p50", "p80", "device", "torch", "triton"]
+SUITES = {
+    # model, batch, seq, timed steps, sweeps {x_name: values}
+    "quick": {"cpu": ("minilm", 16, 64, 20, {}), "cuda": ("bert-base", 32, 128, 30, {})},
+    "full": {
+        "cpu": ("minilm", 16, 64, 20, {"seq_len": [32, 64, 128, 256], "heads_per_layer": [1, 2, 4, 12], "batch_size": [4, 16, 32]}),
+        "cuda": ("bert-base", 32, 128, 30, {"seq_len": [128, 256, 512, 1024, 2048], "heads_per_layer": [1, 2, 4, 12], "batch_size": [8, 32, 64]}),
+    },
+}
+METHODS = [("frozen", {}), ("hifi", {}), ("lora", {"lora_r": 8}), ("lora", {"lora_r": 16}), ("full", {})]
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def label(method: str, options: dict) -> str:
+    return f"lora-r{options['lora_r']}" if method == "lora" else method
+
+
+def run_worker(spec: dict, backend: str = "") -> dict:
+    env = {**os.environ, "HIFI_FAST_BACKEND": backend} if backend else None
+    proc = subprocess.run([sys.executable, "-m", "bench.worker", json.dumps(spec)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def backends_for(device: str) -> list[str]:
+    """Every hifi backend that can run on ``device``."""
+    from hifi_fast import backends
+
+    names = ["torch"]
+    if device == "cuda":
+        for name in ("triton", "cuda"):
+            try:
+                backends._load(name)
+                names.append(name)
+            except ImportError:
+                pass
+    return names
+
+
+def percentiles(values) -> tuple[float, float, float]:
+    p20, p50, p80 = np.percentile(np.asarray(values, dtype=float), [20, 50, 80])
+    return float(p20), float(p50), float(p80)
+
+
+def train_rows(method, backend, x_name, x_value, spec, result, common) -> list[dict]:
+    tokens = spec["batch_size"] * spec["seq_len"]
+    step = percentiles(result["step_times"])
+    tps = percentiles([tokens / t for t in result["step_times"]])
+    base = dict(method=method, backend=backend, mode="train_step", x_name=x_name, x_value=x_value, **common)
+    scalar = lambda v: (v, v, v)  # noqa: E731
+    metrics = {
+        "step_time_s": step,
+        "tokens_per_s": tps,
+        "peak_mem_mb": scalar(result["peak_mb"]),
+        "train_mem_mb": scalar(result["peak_mb"] - result["base_mb"]),
+        "trainable_params": scalar(result["trainable_params"]),
+        "checkpoint_mb": scalar(result["checkpoint_bytes"] / 2**20),
+    }
+    return [dict(base, metric=m, p20=v[0], p50=v[1], p80=v[2]) for m, v in metrics.items()]
+
+
+def plan(suite: str, device: str) -> tuple[list[tuple], dict]:
+    model, batch, seq, steps, sweeps = SUITES[suite][device]
+    defaults = dict(model=model, device=device, dtype="float32", seed=0, batch_size=batch, seq_len=seq,
+                    heads_per_layer=1, lora_r=8, warmup=3, steps=steps)
+    jobs = []
+    for method, options in METHODS:
+        for backend in backends_for(device) if method == "hifi" else [""]:
+            jobs.append((method, options, backend, "config", "default", {}))
+    for x_name, values in sweeps.items():
+        methods = [("hifi", {})] if x_name == "heads_per_layer" else [m for m in METHODS if m[1].get("lora_r", 8) == 8]
+        for value in values:
+            for method, options in methods:
+                jobs.append((method, options, "torch" if method == "hifi" else "", x_name, value, {x_name: value}))
+    return jobs, defaults
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Markdown table of the default configuration, with ratios to frozen and to LoRA r=8."""
+    default = [r for r in rows if r["mode"] == "train_step" and r["x_name"] == "config"]
+    get = lambda name, backend, metric: next(  # noqa: E731
+        r["p50"] for r in default if r["method"] == name and r["backend"] == backend and r["metric"] == metric
+    )
+    names = list(dict.fromkeys((r["method"], r["backend"]) for r in default))
+    frozen_tps, lora_tps = get("frozen", "", "tokens_per_s"), get("lora-r8", "", "tokens_per_s")
+    lora_mem = get("lora-r8", "", "train_mem_mb")
+    lines = [
+        "| method | backend | step ms (p50) | tokens/s (p20-p80) | speed vs frozen | speed vs lora-r8 | train mem MiB | mem vs lora-r8 | trainable params | checkpoint MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, backend in names:
+        tps = next(r for r in default if r["method"] == name and r["backend"] == backend and r["metric"] == "tokens_per_s")
+        mem = get(name, backend, "train_mem_mb")
+        lines.append(
+            f"| {name} | {backend or '-'} | {1000 * get(name, backend, 'step_time_s'):.1f} | "
+            f"{tps['p50']:.0f} ({tps['p20']:.0f}-{tps['p80']:.0f}) | {tps['p50'] / frozen_tps:.2f}x | "
+            f"{tps['p50'] / lora_tps:.2f}x | {mem:.0f} | {mem / lora_mem:.2f}x | "
+            f"{get(name, backend, 'trainable_params'):,.0f} | {get(name, backend, 'checkpoint_mb'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    default = [r for r in rows if r["x_name"] == "config" and r["metric"] == "tokens_per_s"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [f"{r['method']}{'/' + r['backend'] if r['backend'] else ''}" for r in default]
+    ax.bar(names, [r["p50"] for r in default], yerr=[[r["p50"] - r["p20"] for r in default], [r["p80"] - r["p50"] for r in default]])
+    ax.set_ylabel("tokens/s (p50, p20-p80)")
+    ax.set_title(f"training step throughput — {title}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+    for x_name in sorted({r["x_name"] for r in rows} - {"config", "examples"}):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+        for metric, ax in zip(("step_time_s", "train_mem_mb"), axes):
+            sweep = [r for r in rows if r["x_name"] == x_name and r["metric"] == metric]
+            for name in sorted({r["method"] for r in sweep}):
+                points = sorted((float(r["x_value"]), r["p50"]) for r in sweep if r["method"] == name)
+                ax.plot(*zip(*points), marker="o", label=name)
+            ax.set_xlabel(x_name)
+            ax.set_ylabel(metric)
+            ax.set_xscale("log", base=2)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{x_name} scaling — {title}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"scaling_{x_name}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", help="override the suite's model (minilm, bert-base, llama-1b, tiny-bert)")
+    parser.add_argument("--steps", type=int, help="override the number of timed steps")
+    parser.add_argument("--scoring-examples", type=int, default=256)
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device name>)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here")
+    jobs, defaults = plan(args.suite, args.device)
+    defaults.update({k: v for k, v in (("model", args.model), ("steps", args.steps)) if v is not None})
+    name = device_name(args.device)
+    out = args.out or Path(__file__).parent / "results" / name
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    common = dict(device=name, torch=torch.__version__, triton=triton_version)
+    rows: list[dict] = []
+    for method, options, backend, x_name, x_value, override in tqdm(jobs, desc="benchmarks", unit="run"):
+        spec = {**defaults, **options, **override, "method": method}
+        result = run_worker(spec, backend)
+        rows += train_rows(label(method, options), backend, x_name, x_value, spec, result, common)
+    scoring_spec = dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3)
+    scoring = run_worker(scoring_spec)
+    for what, times in scoring.items():
+        p = percentiles(times)
+        rows.append(dict(method=what, backend="", mode="scoring", metric="seconds", x_name="examples",
+                         x_value=args.scoring_examples, p20=p[0], p50=p[1], p80=p[2], **common))
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    title = f"{defaults['model']}, batch {defaults['batch_size']} x {defaults['seq_len']} tokens, {name}"
+    scoring_lines = [
+        f"- scoring pass over {args.scoring_examples} examples: {np.median(scoring['scoring']):.3f} s = "
+        f"{np.median(scoring['scoring']) / np.median(scoring['forward']):.2f}x a plain forward over the same batches "
+        f"({np.median(scoring['forward']):.3f} s)"
+        + (f"; {np.median(scoring['naive_svdvals_loop']) / np.median(scoring['scoring']):.1f}x faster than a per-head "
+           f"`svdvals` loop ({np.median(scoring['naive_svdvals_loop']):.3f} s)" if "naive_svdvals_loop" in scoring else "")
+    ]
+    (out / "summary.md").write_text(
+        f"# Benchmarks: {title}\n\ntorch {torch.__version__}, triton {triton_version or '-'}, suite {args.suite}, "
+        f"{defaults['steps']} timed steps after {defaults['warmup']} warm-up (forward + backward + AdamW step).\n\n"
+        f"{summary_table(rows)}\n\n" + "\n".join(scoring_lines) + "\n"
+    )
+    plot(rows, out, title)
+    print((out / "summary.md").read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()

