@@ -42,7 +42,8 @@ def _head_gram_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     dim_ok = offs_d < dim
-    ctx_ptrs = ctx_ptr + batch * stride_cb + head * stride_ch + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd
+    ctx_ptrs = (ctx_ptr + batch * stride_cb + head * stride_ch
+                + offs_t[:, None] * stride_ct + offs_d[None, :] * stride_cd)
     mask_ptrs = mask_ptr + batch * stride_mb + offs_t * stride_mt
 
     gram = tl.zeros((BLOCK_D, BLOCK_D), dtype=tl.float64)
@@ -115,7 +116,9 @@ def head_grams(context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
         ``cross``: ``[B, H, H]`` float32 ``‖Ĉ_iᵀ Ĉ_j‖_F²`` of the outputs centred over valid tokens.
     """
     if context.dim() != 4 or mask.shape != context.shape[:2]:
-        raise ValueError(f"expected context [B, T, H, d] and mask [B, T], got {tuple(context.shape)} and {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected context [B, T, H, d] and mask [B, T], got {tuple(context.shape)} and {tuple(mask.shape)}"
+        )
     batch, tokens, heads, dim = context.shape
     gram = torch.empty(batch, heads, dim, dim, device=context.device, dtype=torch.float64)
     cross = torch.empty(batch, heads, heads, device=context.device, dtype=torch.float32)

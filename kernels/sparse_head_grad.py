@@ -99,11 +99,18 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what tl.dot takes wi
 
 def _check(grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor) -> None:
     if grad_out.dim() != 2 or inp.dim() != 2 or grad_out.shape[0] != inp.shape[0]:
-        raise ValueError(f"expected grad_out [N, d_out] and inp [N, d_in], got {tuple(grad_out.shape)} and {tuple(inp.shape)}")
+        raise ValueError(
+            f"expected grad_out [N, d_out] and inp [N, d_in], got {tuple(grad_out.shape)} and {tuple(inp.shape)}"
+        )
     if grad_out.dtype != inp.dtype or grad_out.dtype not in _DTYPES:
-        raise ValueError(f"grad_out and inp must share one of the dtypes {_DTYPES}, got {grad_out.dtype} and {inp.dtype}")
-    if blocks.dim() != 1 or blocks.dtype.is_floating_point:
-        raise ValueError(f"blocks must be a 1-D integer tensor, got {blocks.dtype} {tuple(blocks.shape)}")
+        raise ValueError(
+            f"grad_out and inp must share one of the dtypes {_DTYPES}, got {grad_out.dtype} and {inp.dtype}"
+        )
+    if blocks.dim() != 1 or blocks.dtype.is_floating_point or blocks.device != grad_out.device:
+        raise ValueError(
+            f"blocks must be a 1-D integer tensor on {grad_out.device}, "
+            f"got {blocks.dtype} {tuple(blocks.shape)} on {blocks.device}"
+        )
 
 
 def _head_block_grad(
@@ -112,13 +119,14 @@ def _head_block_grad(
 ) -> None:
     """Launch the kernel: ``out[b*bs + r, c] = Σ_n head[n, blocks[b] + r] · dense[n, c]`` (stored
     through ``out_strides``), and ``bias[b*bs + r] = Σ_n head[n, blocks[b] + r]`` when given."""
-    if out.numel() == 0:
-        return
     n_rows, d_dense = dense.shape
     num_blocks = blocks.numel()
     block_m = _row_tile(block_size)
     tiles = num_blocks * triton.cdiv(block_size, block_m)
-    grid = lambda meta: (tiles, triton.cdiv(d_dense, meta["BLOCK_K"]))  # noqa: E731
+    if tiles == 0:
+        return
+    # At least one column tile: tile 0 also writes the bias, even when there are no columns.
+    grid = lambda meta: (tiles, max(1, triton.cdiv(d_dense, meta["BLOCK_K"])))  # noqa: E731
     _head_block_grad_kernel[grid](
         head, dense, out, out if bias is None else bias, blocks,
         n_rows, d_dense, block_size, num_blocks,
@@ -166,7 +174,8 @@ def head_cols_grad(
         The gradient in ``grad_out``'s dtype, accumulated in fp32, in one kernel launch.
     """
     _check(grad_out, inp, blocks)
-    grad_weight = torch.empty(grad_out.shape[1], blocks.numel() * block_size, device=inp.device, dtype=grad_out.dtype)
+    cols = blocks.numel() * block_size
+    grad_weight = torch.empty(grad_out.shape[1], cols, device=inp.device, dtype=grad_out.dtype)
     # Computed as (x[:, S]ᵀ ∂y)ᵀ: the kernel's head rows are the columns of grad_weight.
     transposed = (grad_weight.stride(1), grad_weight.stride(0))
     _head_block_grad(inp, grad_out, blocks, block_size, grad_weight, transposed, None)

@@ -1,0 +1,156 @@
+"""Triton sparse-head gradients (``hifi_fast.kernels``) against the PyTorch reference
+(``hifi_fast.ops``) and a plain float64 computation.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
+``TRITON_INTERPRET=1``), so the shapes are tiny and odd: N not a multiple of the token tile, head
+sizes that are not powers of two, one head, all heads, fused GQA-like QKV block lists, strided inputs.
+bf16 cases need CUDA. The GPU-only tests compile the kernels: run them with ``TRITON_INTERPRET=0``.
+
+Tolerances: against float64, fp32 ``rtol=atol=1e-5`` (atol scaled by √N, the size of the sums), fp16
+``rtol=atol=1e-3`` (the exact fp16 inputs leave only fp32 summation and the final fp16 rounding,
+≤ 2⁻¹¹ relative); against the PyTorch op in the same dtype, fp32 as above and fp16/bf16 two
+output ulps (``rtol`` 2e-3 / 1.6e-2), which covers a different summation order flipping a rounding.
+On GPU, at realistic sizes: error vs float64 ≤ 2x PyTorch's own error in the same dtype.
+"""
+import os
+
+import pytest
+import torch
+
+from hifi_fast import backends, kernels, ops
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; needs CUDA")
+compiled_gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+VS_FLOAT64 = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+VS_TORCH = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _close(got, want, tol, n):
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, n ** 0.5))
+
+
+def _features(blocks, block_size):
+    return torch.cat([torch.arange(b, b + block_size) for b in blocks])
+
+
+def _randn(rows, cols, dtype, seed, column_major=False):
+    """``[rows, cols]`` on DEVICE; ``column_major`` gives a transposed (non-row-major) view."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(cols, rows, generator=g).t() if column_major else torch.randn(rows, cols, generator=g)
+    return t.to(device=DEVICE, dtype=dtype)
+
+
+# (N, head size, blocks, d_out, column_major grad_out). The fused GQA case is a Llama-like
+# q/k/v projection with 4 query heads and 2 key/value heads of 16: query heads 1 and 3 and the two
+# kv heads they read, in the k and v parts.
+ROWS_CASES = {
+    "one-head": (7, 8, [16], 32, False),
+    "all-heads-d12": (37, 12, [0, 12, 24], 36, False),
+    "fused-gqa-qkv": (33, 16, [16, 48, 64, 80, 96, 112], 128, False),
+    "d80-strided": (33, 80, [80], 160, True),
+    "one-token": (1, 8, [0, 8], 16, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ROWS_CASES.values(), ids=ROWS_CASES.keys())
+def test_head_rows_grad(dtype, case):
+    n, block_size, blocks, d_out, column_major = case
+    grad_out = _randn(n, d_out, dtype, 0, column_major)
+    inp = _randn(n, 20, dtype, 1)
+    index = torch.tensor(blocks, device=DEVICE)
+    grad_w, grad_b = kernels.head_rows_grad(grad_out, inp, index, block_size, True)
+    assert grad_w.shape == (len(blocks) * block_size, 20) and grad_w.dtype == dtype
+    assert grad_b.shape == (len(blocks) * block_size,) and grad_b.dtype == dtype
+
+    rows = _features(blocks, block_size)
+    _close(grad_w, grad_out.cpu().double()[:, rows].T @ inp.cpu().double(), VS_FLOAT64[dtype], n)
+    _close(grad_b, grad_out.cpu().double()[:, rows].sum(0), VS_FLOAT64[dtype], n)
+    ref_w, ref_b = ops.head_rows_grad(grad_out, inp, index, block_size, True)
+    _close(grad_w, ref_w, VS_TORCH[dtype], n)
+    _close(grad_b, ref_b, VS_TORCH[dtype], n)
+    assert kernels.head_rows_grad(grad_out, inp, index, block_size, False)[1] is None
+
+
+# (N, head size, blocks, d_in, d_out, column_major inp)
+COLS_CASES = {
+    "one-head": (5, 8, [24], 32, 9, False),
+    "some-heads-d12": (19, 12, [0, 24, 60], 72, 20, False),
+    "all-heads-d80-strided": (33, 80, [0, 80], 160, 17, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", COLS_CASES.values(), ids=COLS_CASES.keys())
+def test_head_cols_grad(dtype, case):
+    n, block_size, blocks, d_in, d_out, column_major = case
+    grad_out = _randn(n, d_out, dtype, 2)
+    inp = _randn(n, d_in, dtype, 3, column_major)
+    index = torch.tensor(blocks, device=DEVICE)
+    got = kernels.head_cols_grad(grad_out, inp, index, block_size)
+    assert got.shape == (d_out, len(blocks) * block_size) and got.dtype == dtype
+
+    cols = _features(blocks, block_size)
+    _close(got, grad_out.cpu().double().T @ inp.cpu().double()[:, cols], VS_FLOAT64[dtype], n)
+    _close(got, ops.head_cols_grad(grad_out, inp, index, block_size), VS_TORCH[dtype], n)
+
+
+def test_rejects_mismatched_inputs():
+    index = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="dtype"):
+        kernels.head_rows_grad(_randn(4, 8, torch.float32, 0), _randn(4, 8, torch.float16, 1), index, 8, True)
+    with pytest.raises(ValueError, match=r"\[N, d_out\]"):
+        kernels.head_cols_grad(_randn(4, 8, torch.float32, 0), _randn(5, 8, torch.float32, 1), index, 8)
+
+
+def test_backend_dispatches_cpu_tensors_to_triton_when_interpreting(monkeypatch):
+    monkeypatch.setenv("HIFI_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends._load.cache_clear()  # forget a module loaded before this test changed the environment
+    grad_out, inp = torch.randn(9, 24), torch.randn(9, 10)
+    module = backends.ops_for(grad_out)
+    assert module is kernels and module.AVAILABLE
+    assert module.head_rows_grad is kernels.sparse_head_grad.head_rows_grad
+    assert module.head_grams is kernels.head_statistics.head_grams
+    index = torch.tensor([8])
+    got, _ = module.head_rows_grad(grad_out, inp, index, 8, False)
+    _close(got, ops.head_rows_grad(grad_out, inp, index, 8, False)[0], 1e-5, 9)
+
+
+def _error(got, want):
+    return (got.double() - want).abs().max().item()
+
+
+def _floor(want):
+    """Slack where PyTorch's error is ~0 (fp32): fp32 summation noise."""
+    return 1e-6 * want.abs().max().item()
+
+
+@compiled_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "block_size, heads, selected", [(64, 12, [3]), (80, 16, [0, 5, 9, 15]), (128, 8, list(range(8)))]
+)
+def test_gpu_error_within_twice_torch(dtype, block_size, heads, selected):
+    n, d_model = 4099, heads * block_size
+    grad_out, inp = _randn(n, 3 * d_model, dtype, 4), _randn(n, d_model, dtype, 5)
+    # fused QKV rows: the selected heads in each of q, k and v
+    rows = torch.tensor([part * d_model + h * block_size for part in range(3) for h in selected], device=DEVICE)
+    cols = torch.tensor([h * block_size for h in selected], device=DEVICE)
+    dy, x = grad_out.double(), inp.double()
+    row_idx = ops.feature_index(rows, block_size)
+    want_w, want_b = dy[:, row_idx].T @ x, dy[:, row_idx].sum(0)
+    got_w, got_b = kernels.head_rows_grad(grad_out, inp, rows, block_size, True)
+    ref_w, ref_b = ops.head_rows_grad(grad_out, inp, rows, block_size, True)
+    assert _error(got_w, want_w) <= 2 * _error(ref_w, want_w) + _floor(want_w)
+    assert _error(got_b, want_b) <= 2 * _error(ref_b, want_b) + _floor(want_b)
+
+    out_proj_dy = grad_out[:, :d_model]
+    want_c = out_proj_dy.double().T @ x[:, ops.feature_index(cols, block_size)]
+    got_c = kernels.head_cols_grad(out_proj_dy, inp, cols, block_size)
+    ref_c = ops.head_cols_grad(out_proj_dy, inp, cols, block_size)
+    assert _error(got_c, want_c) <= 2 * _error(ref_c, want_c) + _floor(want_c)
