@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -36,6 +37,18 @@ class _Accumulator:
         gram, cross = torch.nan_to_num(gram, 0.0, 0.0, 0.0), torch.nan_to_num(cross, 0.0, 0.0, 0.0)
         self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
         self.cka[layer] += cka_from_cross(cross).to(torch.float64).sum(dim=0)
+
+    def all_reduce(self, seen: int) -> int:
+        """Under ``torch.distributed``, sum every rank's statistics so all ranks select the same heads
+        as one process scoring the union of the shards would; returns the total example count."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return seen
+        count = torch.tensor([float(seen)], dtype=torch.float64, device=self.entropy.device)
+        bad = (~self.finite).to(torch.float64)
+        for tensor in (self.entropy, self.cka, count, bad):
+            dist.all_reduce(tensor)
+        self.finite = bad == 0
+        return int(count.item())
 
 
 def _model_inputs(batch: dict, device: torch.device, index: int) -> dict[str, torch.Tensor]:
@@ -113,6 +126,7 @@ def score_heads(
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    seen = acc.all_reduce(seen)
     if seen == 0:
         raise ValueError("the scoring set is empty: batches yielded no example")
     bad = (~acc.finite).nonzero().flatten().tolist()
