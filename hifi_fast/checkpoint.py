@@ -73,6 +73,7 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         **_model_identity(model),
         "base_fingerprint": state.base_fingerprint,
         "modules_to_save": state.modules_to_save,
+        "master_dtype": None if state.master_dtype is None else str(state.master_dtype).replace("torch.", ""),
         "selection": state.selection.to_dict(),
     }
     tensors = {name: t.cpu() for name, t in _trainable_tensors(model).items()}
@@ -144,7 +145,8 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
     config = read_config(directory)
     _check_identity(model, config, check_name)
     selection = HeadSelection.from_dict(config["selection"])
-    patch(model, selection, modules_to_save=config["modules_to_save"])
+    master = config.get("master_dtype")
+    patch(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
     expected = _trainable_tensors(model)
     try:
         tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected)

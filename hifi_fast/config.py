@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 SCORES = ("pagerank", "richness", "correlation", "random")
 SELECTIONS = ("per_layer", "global")
 
@@ -24,6 +26,8 @@ class HiFiConfig:
         seed: seed of ``score="random"``.
         modules_to_save: names of modules trained in full beside the head slices. ``None`` means the
             architecture's task head (``classifier``/``score``); ``[]`` trains head slices only.
+        master_dtype: dtype of the trainable slices (e.g. ``torch.float32`` master copies for a bf16
+            model, so small updates are not rounded away); ``None``: the model's dtype.
     """
 
     heads_per_layer: int | None = 1
@@ -34,6 +38,7 @@ class HiFiConfig:
     damping: float = 0.85
     seed: int = 0
     modules_to_save: list[str] | None = field(default=None)
+    master_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if self.trainable_param_budget is not None:
@@ -52,11 +57,17 @@ class HiFiConfig:
         if self.selection not in SELECTIONS:
             raise ValueError(f"HiFiConfig: selection={self.selection!r} is not one of {SELECTIONS}")
         _check_positive_int("num_scoring_examples", self.num_scoring_examples)
+        if self.master_dtype is not None and not (
+            isinstance(self.master_dtype, torch.dtype) and self.master_dtype.is_floating_point
+        ):
+            raise ValueError(f"HiFiConfig: master_dtype must be a floating torch.dtype, got {self.master_dtype!r}")
         if not 0.0 <= self.damping < 1.0:
             raise ValueError(f"HiFiConfig: damping must be in [0, 1), got {self.damping}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        data["master_dtype"] = None if self.master_dtype is None else str(self.master_dtype).replace("torch.", "")
+        return data
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -28,8 +28,9 @@ class HeadSliceMixin:
     def weight_2d(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def attach_slices(self, spec: ProjectionSlice) -> None:
-        """Create the compact trainable slices from the current base weight."""
+    def attach_slices(self, spec: ProjectionSlice, master_dtype: torch.dtype | None = None) -> None:
+        """Create the compact trainable slices from the current base weight, in ``master_dtype``
+        (default: the weight's own)."""
         weight = self.weight_2d()
         blocks = torch.tensor(spec.blocks, dtype=torch.long, device=weight.device)
         index = feature_index(blocks, spec.block_size)
@@ -37,9 +38,10 @@ class HeadSliceMixin:
         self.register_buffer("hifi_blocks", blocks, persistent=False)
         self.register_buffer("hifi_index", index, persistent=False)
         dim = 0 if spec.sliced == ROWS else 1
-        self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).clone())
+        dtype = master_dtype or weight.dtype
+        self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).to(dtype, copy=True))
         bias = self.bias if spec.sliced == ROWS else None
-        self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].clone())
+        self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].to(dtype, copy=True))
         self.hifi_synced_version = self.slice_version()
 
     def slice_version(self) -> tuple[int, ...]:
@@ -98,10 +100,10 @@ HIFI_CLASS = {nn.Linear: HiFiLinear, Conv1D: HiFiConv1D}
 PLAIN_CLASS = {v: k for k, v in HIFI_CLASS.items()}
 
 
-def convert(module: nn.Module, spec: ProjectionSlice) -> None:
+def convert(module: nn.Module, spec: ProjectionSlice, master_dtype: torch.dtype | None = None) -> None:
     """Turn a plain projection into its head-slice variant in place."""
     module.__class__ = HIFI_CLASS[type(module)]
-    module.attach_slices(spec)
+    module.attach_slices(spec, master_dtype)
 
 
 def slice_param_count(module: nn.Module, spec: ProjectionSlice) -> int:

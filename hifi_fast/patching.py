@@ -24,6 +24,7 @@ class HiFiState:
     slices: list[ProjectionSlice]
     modules_to_save: list[str]
     base_fingerprint: str
+    master_dtype: torch.dtype | None = None
     requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
 
 
@@ -74,6 +75,7 @@ def patch(
     selection: HeadSelection | HiFiConfig,
     batches: Iterable[dict] | None = None,
     modules_to_save: list[str] | None = None,
+    master_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Make only the selected heads' Q/K/V/O slices and the task head trainable, in place.
 
@@ -82,6 +84,7 @@ def patch(
         selection: a ``HeadSelection``, or a ``HiFiConfig`` to score ``batches`` and select by.
         batches: scoring batches (dicts with ``input_ids``/``attention_mask``), with a config only.
         modules_to_save: modules trained in full; default: the config's, else the task head.
+        master_dtype: dtype of the trainable slices; default: the config's, else the model's.
 
     Returns:
         ``model``, patched: its trainable parameters are the compact slices (``*.hifi_weight``,
@@ -99,6 +102,8 @@ def patch(
         selection = select_heads(scores, config)
         if modules_to_save is None:
             modules_to_save = config.modules_to_save
+        if master_dtype is None:
+            master_dtype = config.master_dtype
     elif not isinstance(selection, HeadSelection):
         raise TypeError(f"patch: selection must be a HeadSelection or HiFiConfig, got {type(selection).__name__}")
     slices = plan_slices(model, selection)
@@ -110,10 +115,10 @@ def patch(
     for param in model.parameters():
         param.requires_grad_(False)
     for spec in slices:
-        convert(modules[spec.module_name], spec)
+        convert(modules[spec.module_name], spec, master_dtype)
     for name in to_save:
         modules[name].requires_grad_(True)
-    setattr(model, STATE_ATTR, HiFiState(selection, slices, to_save, fingerprint, requires_grad))
+    setattr(model, STATE_ATTR, HiFiState(selection, slices, to_save, fingerprint, master_dtype, requires_grad))
     return model
 
 

@@ -60,7 +60,10 @@ class SparseHeadLinearFunction(torch.autograd.Function):
         x, weight, blocks = ctx.saved_tensors
         grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        x_2d = x.reshape(-1, x.shape[-1])
+        # Under autocast the saved input keeps its own dtype while the gradient is in the autocast
+        # dtype; the slice gradients are taken in the gradient's dtype (autograd casts them to the
+        # slices' dtype, e.g. fp32 master slices).
+        x_2d = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
         grad_slice_bias = None
         if ctx.sliced == ROWS:
             with_bias = ctx.needs_input_grad[4]
