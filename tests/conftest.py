@@ -73,6 +73,30 @@ def tiny_batch(seed: int = 0, batch: int = 4, tokens: int = 11, pad_rows: dict |
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def trained_model(family: str, selection: dict, seed: int = 0):
+    """A tiny model patched with ``selection`` after one AdamW step (slices differ from the base)."""
+    import hifi_fast
+
+    model = hifi_fast.patch(tiny_model(family, seed=seed), hifi_fast.HeadSelection(selection))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**tiny_batch()).loss.backward()
+    optimizer.step()
+    return model
+
+
+def random_scores(num_layers: int = 4, num_heads: int = 5, seed: int = 0, params_per_head: int = 100):
+    """``HeadScores`` of a random symmetric correlation graph and random richness."""
+    from hifi_fast.pagerank import pagerank
+    from hifi_fast.scores import HeadScores
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(num_layers, num_heads, num_heads, generator=g, dtype=torch.float64)
+    corr = (a + a.transpose(1, 2)) / 2
+    corr.diagonal(dim1=1, dim2=2).fill_(1.0)
+    richness = torch.rand(num_layers, num_heads, generator=g, dtype=torch.float64) + 0.1
+    return HeadScores(richness, corr, pagerank(corr, richness), num_examples=8, params_per_head=params_per_head)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -6,22 +6,13 @@ import torch
 
 import hifi_fast
 from hifi_fast.pagerank import pagerank
-from hifi_fast.scores import HeadScores
+from conftest import random_scores
 from reference import pagerank_ref
-
-
-def _random_scores(num_layers=4, num_heads=5, seed=0, params_per_head=100):
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(num_layers, num_heads, num_heads, generator=g, dtype=torch.float64)
-    corr = (a + a.transpose(1, 2)) / 2
-    corr.diagonal(dim1=1, dim2=2).fill_(1.0)
-    richness = torch.rand(num_layers, num_heads, generator=g, dtype=torch.float64) + 0.1
-    return HeadScores(richness, corr, pagerank(corr, richness), num_examples=8, params_per_head=params_per_head)
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.5, 0.85, 0.99])
 def test_pagerank_matches_explicit_iteration(damping):
-    s = _random_scores()
+    s = random_scores()
     got = pagerank(s.correlation, s.richness, damping)
     for layer in range(4):
         torch.testing.assert_close(got[layer], pagerank_ref(s.correlation[layer], s.richness[layer], damping), rtol=1e-12, atol=1e-14)
@@ -39,21 +30,21 @@ def test_pagerank_degenerate_graphs():
 
 
 def test_pagerank_permutation_equivariant():
-    s = _random_scores()
+    s = random_scores()
     perm = torch.tensor([3, 0, 4, 1, 2])
     got = pagerank(s.correlation[:, perm][:, :, perm], s.richness[:, perm])
     torch.testing.assert_close(got, s.pagerank[:, perm], rtol=1e-10, atol=1e-12)
 
 
 def test_per_layer_top_k_with_ties_to_lower_index():
-    s = _random_scores(num_layers=2, num_heads=4)
+    s = random_scores(num_layers=2, num_heads=4)
     s.pagerank = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.1, 0.4, 0.1]], dtype=torch.float64)
     sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=2))
     assert sel.heads == {0: [1, 2], 1: [0, 2]}
 
 
 def test_per_layer_selection_is_argmax_of_pagerank():
-    s = _random_scores()
+    s = random_scores()
     sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=3))
     for layer, heads in sel.heads.items():
         expected = sorted(sorted(range(5), key=lambda h: (-float(s.pagerank[layer, h]), h))[:3])
@@ -61,7 +52,7 @@ def test_per_layer_selection_is_argmax_of_pagerank():
 
 
 def test_global_selection_uses_layer_normalised_scores():
-    s = _random_scores(num_layers=2, num_heads=3)
+    s = random_scores(num_layers=2, num_heads=3)
     s.pagerank = torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]], dtype=torch.float64)
     sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=1, selection="global"))
     assert sel.heads == {0: [0], 1: [0]}
@@ -72,7 +63,7 @@ def test_global_selection_uses_layer_normalised_scores():
 
 
 def test_score_ablations():
-    s = _random_scores()
+    s = random_scores()
     by_richness = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=1, score="richness"))
     assert by_richness.heads == {l: [int(s.richness[l].argmax())] for l in range(4)}
     by_corr = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=1, score="correlation"))
@@ -84,7 +75,7 @@ def test_score_ablations():
 
 
 def test_damping_is_honoured():
-    s = _random_scores()
+    s = random_scores()
     cfg = hifi_fast.HiFiConfig(heads_per_layer=1, damping=0.3)
     from hifi_fast.selection import ranking_scores
 
@@ -92,7 +83,7 @@ def test_damping_is_honoured():
 
 
 def test_parameter_budget_derives_k():
-    s = _random_scores(num_layers=4, num_heads=5, params_per_head=100)
+    s = random_scores(num_layers=4, num_heads=5, params_per_head=100)
     sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(trainable_param_budget=1250))
     assert all(len(h) == 3 for h in sel.heads.values())
     with pytest.raises(ValueError, match="below one head per layer"):
@@ -100,7 +91,7 @@ def test_parameter_budget_derives_k():
 
 
 def test_selection_json_round_trip():
-    s = _random_scores()
+    s = random_scores()
     sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=2))
     back = hifi_fast.HeadSelection.from_json(sel.to_json())
     assert back == sel and back.heads == sel.heads
@@ -108,33 +99,3 @@ def test_selection_json_round_trip():
     assert json.loads(hifi_fast.HeadSelection({2: [3, 1]}).to_json()) == {"heads": {"2": [1, 3]}}
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        ({"heads_per_layer": 0}, "heads_per_layer must be an integer >= 1"),
-        ({"heads_per_layer": 2, "trainable_param_budget": 10}, "not both"),
-        ({"score": "entropy"}, "score='entropy' is not one of"),
-        ({"selection": "best"}, "selection='best' is not one of"),
-        ({"damping": 1.0}, "damping must be in"),
-        ({"num_scoring_examples": 0}, "num_scoring_examples must be"),
-    ],
-)
-def test_config_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        hifi_fast.HiFiConfig(**kwargs)
-
-
-def test_heads_per_layer_above_model_is_refused():
-    with pytest.raises(ValueError, match="heads_per_layer=6 exceeds the model's 5 heads"):
-        hifi_fast.select_heads(_random_scores(), hifi_fast.HiFiConfig(heads_per_layer=6))
-
-
-@pytest.mark.parametrize(
-    "heads, message",
-    [({0: [1, 1]}, "lists a head twice"), ({-1: [0]}, "layer index must be"), ({0: [-2]}, "head index"), ({0: []}, "selects no head")],
-)
-def test_bad_head_selection(heads, message):
-    with pytest.raises(ValueError, match=message):
-        hifi_fast.HeadSelection(heads)
-    with pytest.raises(ValueError, match="not valid JSON"):
-        hifi_fast.HeadSelection.from_json("{")

@@ -68,32 +68,3 @@ def test_distilbert_is_supported():
     torch.testing.assert_close(scores.correlation, corr, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "batches, message",
-    [
-        ([], "scoring set is empty"),
-        ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}], "all padding"),
-        ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [0] * 5])}], r"examples \[1\] are all padding"),
-        ([{"attention_mask": torch.ones(2, 5)}], "must be a dict with 'input_ids'"),
-        ([{"input_ids": torch.ones(5, dtype=torch.long)}], r"must be \[batch, tokens\]"),
-    ],
-)
-def test_bad_scoring_input(batches, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        hifi_fast.score_heads(tiny_model("bert"), batches)
-
-
-def test_non_finite_activations_are_reported_by_layer():
-    model = tiny_model("bert")
-    with torch.no_grad():
-        model.bert.encoder.layer[1].attention.self.value.bias.fill_(float("nan"))
-    with pytest.raises(ValueError, match=r"non-finite .* layers \[1, 2\]"):
-        hifi_fast.score_heads(model, [tiny_batch()])
-
-
-def test_unsupported_model_lists_supported_types():
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    model = T5ForConditionalGeneration(T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50))
-    with pytest.raises(ValueError, match="supported model types: bert, roberta"):
-        hifi_fast.score_heads(model, [tiny_batch()])
