@@ -227,6 +227,11 @@ def load_classifier(path: str, label_names: list[str], tokenizer, seed: int):
     return model.float().eval()
 
 
+def _model_label(path: str) -> str:
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if parts and parts[-1] == "model" else (parts[-1] if parts else path)
+
+
 def _dir_size_mb(paths: list[Path]) -> float:
     total = 0
     for path in paths:
@@ -429,7 +434,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
         from hifi_fast.plots import plot_heads
 
         plot_heads(selection.scores, selection.heads, run_dir / "heads.png",
-                   title=f"HiFi head scores: {Path(model_path).name}, {selection.num_heads} heads selected")
+                   title=f"HiFi head scores: {_model_label(model_path)}, {selection.num_heads} heads selected")
 
     out = {
         "method": method,

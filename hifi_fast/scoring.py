@@ -51,14 +51,17 @@ class _Accumulator:
         return int(count.item())
 
 
-def _model_inputs(batch: dict, device: torch.device, index: int) -> dict[str, torch.Tensor]:
+def _model_inputs(batch: dict, device: torch.device, index: int, limit: int) -> dict[str, torch.Tensor]:
+    """The model's inputs of one batch, cut to ``limit`` examples and checked while still on the
+    host (so the scoring loop needs no device sync), then moved to ``device``."""
     if not isinstance(batch, dict) or "input_ids" not in batch:
         raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask')")
-    inputs = {k: torch.as_tensor(batch[k]).to(device) for k in MODEL_INPUTS if k in batch}
+    inputs = {k: torch.as_tensor(batch[k])[:limit] for k in MODEL_INPUTS if k in batch}
     if inputs["input_ids"].dim() != 2:
         raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-    return inputs
+    _check_mask(inputs["attention_mask"], index)
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 def _check_mask(mask: torch.Tensor, index: int) -> None:
@@ -112,9 +115,7 @@ def score_heads(
     try:
         with tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
             for index, batch in enumerate(batches):
-                inputs = _model_inputs(batch, device, index)
-                inputs = {k: v[: num_examples - seen] for k, v in inputs.items()}
-                _check_mask(inputs["attention_mask"], index)
+                inputs = _model_inputs(batch, device, index, num_examples - seen)
                 acc.mask = inputs["attention_mask"]
                 forward(**inputs)
                 taken = inputs["input_ids"].shape[0]
