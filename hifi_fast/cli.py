@@ -217,7 +217,7 @@ def load_classifier(path: str, label_names: list[str], tokenizer, seed: int):
     torch.manual_seed(seed)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(label_names), local_files_only=True,
+            path, num_labels=len(label_names), local_files_only=True, ignore_mismatched_sizes=True,
             id2label=dict(enumerate(label_names)), label2id={n: i for i, n in enumerate(label_names)},
         )
     except (OSError, ValueError) as err:

@@ -236,42 +236,58 @@ def to_dataset(texts: list[str], labels: list[str], source: str, label_names: li
 
 # ------------------------------------------------------------------------------------------ splitting
 
-def stratified_split(labels: Sequence[int], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded stratified split: ``(train indices, eval indices)``, each class split in proportion.
+def _allocate(counts: list[int], total: int) -> list[int]:
+    """Split ``total`` over classes in proportion to ``counts`` (largest remainder, so the parts sum
+    to ``total`` exactly; ties go to the earlier class)."""
+    n = sum(counts)
+    quotas = [c * total / n for c in counts]
+    parts = [int(q) for q in quotas]
+    order = sorted(range(len(counts)), key=lambda i: (-(quotas[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
-    Every class with at least 2 examples puts at least one in each part; the order of both parts is
-    shuffled (seeded).
-    """
-    if not 0.0 < eval_fraction < 1.0:
-        raise DataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+
+def _split(labels: Sequence[int], held_total: int, seed: int, keep_both_sides: bool) -> tuple[list[int], list[int]]:
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[int]] = {}
     for i, label in enumerate(labels):
         by_class.setdefault(label, []).append(i)
+    classes = sorted(by_class)
+    held_counts = _allocate([len(by_class[c]) for c in classes], held_total)
     train, held = [], []
-    for label in sorted(by_class):
+    for label, n_held in zip(classes, held_counts):
         idx = np.array(by_class[label])
         rng.shuffle(idx)
-        n_eval = int(round(len(idx) * eval_fraction))
-        if len(idx) >= 2:
-            n_eval = min(max(n_eval, 1), len(idx) - 1)
-        held.extend(idx[:n_eval].tolist())
-        train.extend(idx[n_eval:].tolist())
-    train, held = np.array(train, dtype=np.int64), np.array(held, dtype=np.int64)
-    rng.shuffle(train)
-    rng.shuffle(held)
-    return train.tolist(), held.tolist()
+        if keep_both_sides and len(idx) >= 2:
+            n_held = min(max(n_held, 1), len(idx) - 1)
+        held.extend(idx[:n_held].tolist())
+        train.extend(idx[n_held:].tolist())
+    train_arr, held_arr = np.array(train, dtype=np.int64), np.array(held, dtype=np.int64)
+    rng.shuffle(train_arr)
+    rng.shuffle(held_arr)
+    return train_arr.tolist(), held_arr.tolist()
+
+
+def stratified_split(labels: Sequence[int], eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded stratified split: ``(train indices, eval indices)``, each class split in proportion.
+
+    The eval part has ``round(N * eval_fraction)`` examples, except that every class with at least 2
+    examples puts at least one in each part; both parts are shuffled (seeded).
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+    return _split(labels, int(round(len(labels) * eval_fraction)), seed, keep_both_sides=True)
 
 
 def stratified_subsample(labels: Sequence[int], size: int | None, seed: int) -> list[int]:
-    """Indices of a seeded, class-proportional subset of ``size`` examples (all when ``size`` is
-    ``None`` or not smaller)."""
+    """Indices of a seeded, class-proportional subset of exactly ``size`` examples (all, in order,
+    when ``size`` is ``None`` or not smaller than the data)."""
     if size is None or size >= len(labels):
         return list(range(len(labels)))
     if size < 1:
         raise DataError(f"subset size must be >= 1, got {size}")
-    _, chosen = stratified_split(labels, size / len(labels), seed)
-    return chosen
+    return _split(labels, size, seed, keep_both_sides=False)[1]
 
 
 @dataclass
