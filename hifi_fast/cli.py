@@ -82,7 +82,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default: 0.06)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     train.add_argument("--seed", type=int, default=0, help="seed of split, subsets, init and order (default: 0)")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: the cores not already busy by the 1-minute load "
+                       "average, at least 1: oversubscribed cores slow CPU training several-fold)")
 
     hifi = parser.add_argument_group("HiFi")
     hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
@@ -225,6 +227,20 @@ def load_classifier(path: str, label_names: list[str], tokenizer, seed: int):
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.float().eval()
+
+
+def auto_threads() -> int:
+    """Torch's thread count, lowered to the cores that other processes leave free (1-minute load
+    average): a CPU GEMM split over more threads than free cores runs several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return threads
+    return max(1, min(threads, int(round(cores - busy))))
 
 
 def _model_label(path: str) -> str:
@@ -371,8 +387,8 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     console = Console(args.quiet)
     progress = not args.quiet
     _quiet_transformers(args.quiet)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = args.threads or auto_threads()
+    torch.set_num_threads(threads)
     job_start = time.perf_counter()
     run_dir = Path(output_dir or args.output_dir or _default_output_dir(method))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +398,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     console.info(f"data: {splits.description}")
     console.info(f"      {len(splits.train)} train / {len(splits.eval)} eval examples, "
                  f"labels {splits.label_names}")
-    console.info(f"model: {model_path}")
+    console.info(f"model: {model_path}  ({threads} CPU thread{'s' if threads > 1 else ''})")
     tokenizer = load_tokenizer(model_path)
     set_seed(args.seed)
     model = load_classifier(model_path, splits.label_names, tokenizer, args.seed)
@@ -458,6 +474,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
         "process_peak_rss_mb": process_peak_rss_mb(),
         "checkpoint_mb": _dir_size_mb(checkpoint_files),
         "checkpoint_files": [p.name for p in checkpoint_files],
+        "threads": threads,
         "num_train": len(splits.train),
         "num_eval": len(splits.eval),
         "label_names": splits.label_names,
@@ -485,7 +502,7 @@ def _print_summary(m: dict, console: Console, quiet: bool) -> None:
         ("train", f"{m['epochs']} epoch(s), {m['steps']} steps, {m['train_time_s']:.1f} s, "
                   f"{m['tokens_per_s']:,.0f} tokens/s, final loss {m['final_train_loss']:.4f}"),
         ("peak memory", f"{m['peak_memory_mb']:,.0f} MiB (RSS while training)"),
-        ("checkpoint", f"{m['checkpoint_mb']:.2f} MiB" if m["checkpoint_files"] else "not saved (--no-save)"),
+        ("checkpoint", f"{_fmt_mb(m['checkpoint_mb'])} MiB" if m["checkpoint_files"] else "not saved (--no-save)"),
         ("total time", f"{m['total_time_s']:.1f} s"),
         ("output", m["output_dir"]),
     ]
@@ -531,6 +548,7 @@ def run_compare(args) -> list[dict]:
     if unknown or not methods:
         raise CLIError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     console = Console(args.quiet)
+    args.threads = args.threads or auto_threads()  # once, so that every method runs with the same
     out_dir = Path(args.output_dir or _default_output_dir("compare"))
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -571,14 +589,18 @@ def run_compare(args) -> list[dict]:
     return rows
 
 
+def _fmt_mb(value: float) -> str:
+    return f"{value:.2f}" if value >= 0.1 or value == 0 else f"{value:.2g}"
+
+
 def _markdown_table(rows: list[dict]) -> str:
     lines = ["| method | accuracy | macro-F1 | trainable params | trainable % | train time (s) | peak memory (MiB) "
-             "| checkpoint (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| checkpoint (MiB) | lr |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | {r['trainable_params']:,} | "
                      f"{r['trainable_percent']:.3f} | {r['train_time_s']:.1f} | {r['peak_memory_mb']:,.0f} | "
-                     f"{r['checkpoint_mb']:.2f} |")
+                     f"{_fmt_mb(r['checkpoint_mb'])} | {r['lr']:g} |")
     return "\n".join(lines)
 
 

@@ -8,10 +8,9 @@ Behaviour checked here:
 - Only the selected heads' rows of Q/K/V, columns of O, and the classifier change; every other entry
   of every weight stays bit-identical.
 - ``Trainer.save_model`` does not break: it writes an ordinary ``model.safetensors`` of the *full*
-  model (base weights, the compact ``hifi_*`` copies as extra keys, the classifier);
-  ``from_pretrained`` of that folder gives a plain model equal to the fine-tuned one (the ``hifi_*``
-  keys are ignored as unexpected) — provided a forward ran after the last optimizer step (see the
-  xfail below). The small HiFi checkpoint is ``hifi_fast.save(model, dir)``, which works after
+  model (base weights holding the trained slices, and the classifier); ``from_pretrained`` of that
+  folder gives a plain, unpatched model equal to the fine-tuned one (see the xfail below for a save
+  straight after the last optimizer step). The small HiFi checkpoint is ``hifi_fast.save(model, dir)``, which works after
   ``Trainer`` too.
 
 Known core problems, marked xfail (non-strict) until fixed in ``hifi_fast/modules.py``:
