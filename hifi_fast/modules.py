@@ -1,20 +1,42 @@
 """Projection modules with trainable head slices.
 
-``patch`` switches a projection's class to ``HiFiLinear``/``HiFiConv1D`` in place (state-dict keys
-and the base weight object stay the same) and attaches the compact slices: ``hifi_weight``
-(and ``hifi_bias``). The base weight stays the one tensor the forward GEMM reads; whenever the
-slices changed since the last forward (an optimizer step, a load), their values are copied into it
-first, so no call is needed after ``optimizer.step()``.
+``patch`` switches a projection's class to ``HiFiLinear``/``HiFiConv1D`` in place (the base weight
+object stays the same) and attaches the compact slices: ``hifi_weight`` (and ``hifi_bias``). The
+base weight stays the one tensor the forward GEMM reads; whenever the slices may have changed since
+the last write (any optimizer step, fused ones included, or an in-place edit), their values are
+copied into it first, so no call is needed after ``optimizer.step()``.
+
+The module's ``state_dict`` is the plain model's: the slices are written into the base weight first
+and their own keys are left out, so ``save_pretrained``/``Trainer.save_model`` write a plain
+checkpoint; ``load_state_dict`` refreshes the slices from the loaded base weight.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from .adapters import ProjectionSlice
 from .ops import feature_index
 from .sparse_head_linear import COLS, ROWS, sparse_head_linear
+
+# Fused optimizers update parameters without bumping their version counters, so every optimizer
+# step (of any torch optimizer) is counted here and makes the slices count as changed.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+SLICE_PARAMS = ("hifi_weight", "hifi_bias")
+
+
+def _is_slice_key(key: str) -> bool:
+    return key.rsplit(".", 1)[-1] in SLICE_PARAMS
 
 
 class HeadSliceMixin:
@@ -42,31 +64,49 @@ class HeadSliceMixin:
         self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).to(dtype, copy=True))
         bias = self.bias if spec.sliced == ROWS else None
         self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].to(dtype, copy=True))
-        self.hifi_synced_version = self.slice_version()
+        self.hifi_synced = self.slice_state()
+        self.hifi_hooks = [
+            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_slices()),
+            self.register_state_dict_post_hook(_drop_slice_keys),
+            self.register_load_state_dict_pre_hook(lambda module, *args: module.sync_slices()),
+            self.register_load_state_dict_post_hook(_refresh_after_load),
+        ]
 
-    def slice_version(self) -> tuple[int, ...]:
-        return tuple(p._version for p in (self.hifi_weight, self.hifi_bias) if p is not None)
+    def slice_state(self) -> tuple[int, ...]:
+        """Changes whenever the slices may have changed: an optimizer step or an in-place edit."""
+        return (_optimizer_steps,) + tuple(p._version for p in (self.hifi_weight, self.hifi_bias) if p is not None)
 
     @torch.no_grad()
     def sync_slices(self) -> None:
-        """Write the compact slices into the base weight if they changed since the last write."""
+        """Write the compact slices into the base weight if they may have changed since the last write."""
         # Compiled graphs cannot guard on version counters: there the copy (k·d_h rows, no FLOPs)
         # simply runs every forward.
-        if not torch.compiler.is_compiling() and self.slice_version() == self.hifi_synced_version:
+        if not torch.compiler.is_compiling() and self.slice_state() == self.hifi_synced:
             return
         dim = 0 if self.hifi_sliced == ROWS else 1
         self.weight_2d().index_copy_(dim, self.hifi_index, self.hifi_weight.to(self.weight.dtype))
         if self.hifi_bias is not None:
             self.bias.index_copy_(0, self.hifi_index, self.hifi_bias.to(self.bias.dtype))
         if not torch.compiler.is_compiling():
-            self.hifi_synced_version = self.slice_version()
+            self.hifi_synced = self.slice_state()
+
+    @torch.no_grad()
+    def refresh_slices(self) -> None:
+        """Read the slices back from the base weight (after it was loaded)."""
+        dim = 0 if self.hifi_sliced == ROWS else 1
+        self.hifi_weight.copy_(self.weight_2d().index_select(dim, self.hifi_index))
+        if self.hifi_bias is not None:
+            self.hifi_bias.copy_(self.bias[self.hifi_index])
+        self.hifi_synced = self.slice_state()
 
     def detach_slices(self) -> None:
         """Write the slices back and remove them; the module is its plain class again."""
         self.sync_slices()
-        for name in ("hifi_weight", "hifi_bias", "hifi_blocks", "hifi_index"):
+        for hook in self.hifi_hooks:
+            hook.remove()
+        for name in SLICE_PARAMS + ("hifi_blocks", "hifi_index"):
             delattr(self, name)
-        for name in ("hifi_sliced", "hifi_block_size", "hifi_synced_version"):
+        for name in ("hifi_sliced", "hifi_block_size", "hifi_synced", "hifi_hooks"):
             self.__dict__.pop(name, None)
         self.__class__ = PLAIN_CLASS[type(self)]
 
@@ -94,6 +134,16 @@ class HiFiConv1D(HeadSliceMixin, Conv1D):
 
     def weight_2d(self) -> torch.Tensor:
         return self.weight.t()
+
+
+def _drop_slice_keys(module, state_dict, prefix, local_metadata) -> None:
+    for name in SLICE_PARAMS:
+        state_dict.pop(prefix + name, None)
+
+
+def _refresh_after_load(module, incompatible_keys) -> None:
+    module.refresh_slices()
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_slice_key(k)]
 
 
 HIFI_CLASS = {nn.Linear: HiFiLinear, Conv1D: HiFiConv1D}

@@ -152,3 +152,38 @@ def test_patch_with_config_scores_and_selects():
 def test_modules_to_save_empty_trains_slices_only():
     model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection({0: [1]}), modules_to_save=[])
     assert all("hifi_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("optimizer", ["fused", "foreach", "single"])
+def test_every_optimizer_kind_reaches_the_next_forward(optimizer):
+    model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection(SELECTIONS["bert"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, **{optimizer: True} if optimizer != "single" else {"foreach": False})
+    batch = tiny_batch()
+    _loss(model, batch).backward()
+    opt.step()
+    trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    merged = hifi_fast.unpatch(copy.deepcopy(model))
+    torch.testing.assert_close(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, trained)
+    query = model.bert.encoder.layer[0].attention.self.query
+    torch.testing.assert_close(query.weight[8:16], query.hifi_weight, rtol=0, atol=0)  # head 1, d_h = 8
+
+
+def test_state_dict_is_the_plain_models_and_load_refreshes_the_slices():
+    base = tiny_model("bert")
+    model = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS["bert"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    _loss(model, tiny_batch()).backward()
+    opt.step()  # no forward since: state_dict must write the new slices into the base weight first
+    state = model.state_dict()
+    assert state.keys() == base.state_dict().keys()
+    query = model.bert.encoder.layer[0].attention.self.query
+    torch.testing.assert_close(state["bert.encoder.layer.0.attention.self.query.weight"][8:16], query.hifi_weight, rtol=0, atol=0)
+
+    other = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS["bert"]))
+    assert other.load_state_dict(state).missing_keys == []
+    torch.testing.assert_close(other.bert.encoder.layer[0].attention.self.query.hifi_weight, query.hifi_weight, rtol=0, atol=0)
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(state)
+    batch = tiny_batch(seed=4)
+    torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=0, atol=0)
