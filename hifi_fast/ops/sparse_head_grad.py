@@ -22,7 +22,7 @@ def head_rows_grad(
     """``(∂W_S [nb*bs, d_in], ∂b_S [nb*bs] or None)`` for head rows ``S`` of a row-sliced projection."""
     grad_sel = grad_out.index_select(1, feature_index(blocks, block_size))
     grad_weight = torch.mm(grad_sel.t(), inp)
-    grad_bias = grad_sel.sum(0, dtype=torch.float32).to(grad_out.dtype) if with_bias else None
+    grad_bias = grad_sel.sum(0) if with_bias else None  # reduced-precision sums accumulate in fp32
     return grad_weight, grad_bias
 
 
