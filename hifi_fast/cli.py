@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default: 0.06)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     train.add_argument("--seed", type=int, default=0, help="seed of split, subsets, init and order (default: 0)")
+    train.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: the cores not already busy by the 1-minute load "
                        "average, at least 1: oversubscribed cores slow CPU training several-fold)")
@@ -229,6 +231,20 @@ def load_classifier(path: str, label_names: list[str], tokenizer, seed: int):
     return model.float().eval()
 
 
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"--device {name}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def auto_threads() -> int:
     """Torch's thread count, lowered to the cores that other processes leave free (1-minute load
     average): a CPU GEMM split over more threads than free cores runs several times slower."""
@@ -240,7 +256,7 @@ def auto_threads() -> int:
         busy = os.getloadavg()[0]
     except (AttributeError, OSError):
         return threads
-    return max(1, min(threads, int(round(cores - busy))))
+    return max(1, min(threads, math.ceil(cores - busy - 0.25)))
 
 
 def _model_label(path: str) -> str:
@@ -390,18 +406,19 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
     job_start = time.perf_counter()
-    run_dir = Path(output_dir or args.output_dir or _default_output_dir(method))
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     splits = _load_splits(args)
     model_path = _resolve_model_path(args.model)
+    device = _resolve_device(args.device)
     console.info(f"data: {splits.description}")
     console.info(f"      {len(splits.train)} train / {len(splits.eval)} eval examples, "
                  f"labels {splits.label_names}")
-    console.info(f"model: {model_path}  ({threads} CPU thread{'s' if threads > 1 else ''})")
+    console.info(f"model: {model_path}  ({device}" + (f", {threads} CPU thread{'s' if threads > 1 else ''})"
+                                                      if device.type == "cpu" else ")"))
     tokenizer = load_tokenizer(model_path)
     set_seed(args.seed)
-    model = load_classifier(model_path, splits.label_names, tokenizer, args.seed)
+    model = load_classifier(model_path, splits.label_names, tokenizer, args.seed).to(device)
+    run_dir = Path(output_dir or args.output_dir or _default_output_dir(method))
+    run_dir.mkdir(parents=True, exist_ok=True)
     total_params = sum(p.numel() for p in model.parameters())
     train_data = encode(tokenizer, splits.train.texts, splits.train.labels, args.max_length)
     eval_data = encode(tokenizer, splits.eval.texts, splits.eval.labels, args.max_length)
@@ -475,6 +492,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
         "checkpoint_mb": _dir_size_mb(checkpoint_files),
         "checkpoint_files": [p.name for p in checkpoint_files],
         "threads": threads,
+        "device": str(device),
         "num_train": len(splits.train),
         "num_eval": len(splits.eval),
         "label_names": splits.label_names,
@@ -501,7 +519,8 @@ def _print_summary(m: dict, console: Console, quiet: bool) -> None:
         ("trainable params", f"{m['trainable_params']:,} / {m['total_params']:,} ({m['trainable_percent']:.3f}%)"),
         ("train", f"{m['epochs']} epoch(s), {m['steps']} steps, {m['train_time_s']:.1f} s, "
                   f"{m['tokens_per_s']:,.0f} tokens/s, final loss {m['final_train_loss']:.4f}"),
-        ("peak memory", f"{m['peak_memory_mb']:,.0f} MiB (RSS while training)"),
+        ("peak memory", f"{m['peak_memory_mb']:,.0f} MiB (" + ("GPU memory allocated" if m["device"].startswith("cuda")
+                                                             else "RSS") + " while training)"),
         ("checkpoint", f"{_fmt_mb(m['checkpoint_mb'])} MiB" if m["checkpoint_files"] else "not saved (--no-save)"),
         ("total time", f"{m['total_time_s']:.1f} s"),
         ("output", m["output_dir"]),
