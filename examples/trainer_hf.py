@@ -2,10 +2,8 @@
 
     python examples/trainer_hf.py
 
-Notes (see tests/test_trainer.py):
-- use ``optim="adamw_torch"``: transformers' default ``adamw_torch_fused`` does not bump parameter
-  version counters, which HiFi's slice sync relies on (a known core issue at the time of writing);
-- ``trainer.save_model`` writes the full model; the small HiFi checkpoint is ``hifi_fast.save``.
+``trainer.save_model`` writes the full (merged) model; the small HiFi checkpoint is ``hifi_fast.save``
+(see tests/test_trainer.py).
 """
 import os
 import tempfile
@@ -54,7 +52,7 @@ def main() -> None:
     hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=2), batches=iter_batches(train, 32))
 
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, optim="adamw_torch", learning_rate=1e-3, num_train_epochs=1,
+        args = TrainingArguments(output_dir=out, learning_rate=1e-3, num_train_epochs=1,
                                  per_device_train_batch_size=32, per_device_eval_batch_size=64,
                                  save_strategy="no", report_to=[], use_cpu=True, logging_steps=5)
         trainer = Trainer(model=model, args=args, train_dataset=Examples(train), eval_dataset=Examples(held),

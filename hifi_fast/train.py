@@ -142,9 +142,7 @@ def train_model(
         raise ValueError("training data has no labels")
     device = next(model.parameters()).device
     params = trainable_parameters(model)
-    # Not fused: fused optimizers leave parameter version counters alone, which HiFi's slice sync
-    # uses to notice a step (see tests/test_trainer.py).
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=False)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     per_epoch = num_batches(data, batch_size)
     total = per_epoch * epochs
     scheduler = linear_schedule_with_warmup(optimizer, int(math.ceil(warmup_ratio * total)), total)

@@ -9,17 +9,12 @@ Behaviour checked here:
   of every weight stays bit-identical.
 - ``Trainer.save_model`` does not break: it writes an ordinary ``model.safetensors`` of the *full*
   model (base weights holding the trained slices, and the classifier); ``from_pretrained`` of that
-  folder gives a plain, unpatched model equal to the fine-tuned one (see the xfail below for a save
-  straight after the last optimizer step). The small HiFi checkpoint is ``hifi_fast.save(model, dir)``, which works after
-  ``Trainer`` too.
+  folder gives a plain, unpatched model equal to the fine-tuned one (no ``hifi_*`` keys are saved).
+  The small HiFi checkpoint is ``hifi_fast.save(model, dir)``, which works after ``Trainer`` too.
 
-Known core problems, marked xfail (non-strict) until fixed in ``hifi_fast/modules.py``:
-
-- transformers' default ``optim="adamw_torch_fused"``: fused optimizers do not bump the parameters'
-  version counters, which ``sync_slices`` uses to notice a step, so the base weight never receives
-  the trained slices. ``optim="adamw_torch"`` works.
-- ``state_dict()`` does not sync first, so ``save_model`` straight after ``train()`` holds base
-  weights one optimizer step old.
+Both optimizers transformers offers by default are covered: ``adamw_torch_fused`` (the default,
+which bumps no parameter version counter) and ``adamw_torch``; and a save straight after the last
+optimizer step holds that step (both were core bugs before the sync-after-any-step fix).
 """
 import os
 
@@ -81,17 +76,7 @@ def _expected_changed(name, shape):
     return mask
 
 
-# transformers' default optimizer is ``adamw_torch_fused``. Fused optimizers update parameters without
-# bumping their version counter, which ``HeadSliceMixin.sync_slices`` (hifi_fast/modules.py) relies on
-# to notice a step: the compact slices train, but the base weight the forward reads never receives
-# them (and ``unpatch`` drops them). Plain/foreach AdamW bump it and work.
-FUSED_BUG = pytest.mark.xfail(
-    reason="core bug: fused optimizers do not bump Tensor._version, so sync_slices never copies the "
-           "trained slices into the base weight (hifi_fast/modules.py)",
-    strict=False,
-)
-OPTIMIZERS = [pytest.param("adamw_torch", id="adamw_torch"),
-              pytest.param("adamw_torch_fused", id="adamw_torch_fused(default)", marks=FUSED_BUG)]
+OPTIMIZERS = ["adamw_torch", "adamw_torch_fused"]
 
 
 def _trainer(model, tmp_path, optim, steps=6):
@@ -140,6 +125,10 @@ def test_trainer_save_model_and_hifi_save(tmp_path, optim):
     out = tmp_path / "saved"
     trainer.save_model(str(out))
     assert (out / "model.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        assert not [k for k in handle.keys() if ".hifi_" in k]
     reloaded = BertForSequenceClassification.from_pretrained(out).eval()
     assert not hifi_fast.is_patched(reloaded)
     with torch.no_grad():
@@ -154,14 +143,10 @@ def test_trainer_save_model_and_hifi_save(tmp_path, optim):
     assert (hifi_dir / "hifi_weights.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
 
 
-@pytest.mark.xfail(
-    reason="core bug: state_dict()/save_pretrained does not sync the compact slices first, so a save "
-           "straight after optimizer.step() writes base weights one step old (hifi_fast/modules.py)",
-    strict=False,
-)
-def test_trainer_save_model_straight_after_training_holds_the_last_step(tmp_path):
+@pytest.mark.parametrize("optim", OPTIMIZERS)
+def test_trainer_save_model_straight_after_training_holds_the_last_step(tmp_path, optim):
     model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection(SELECTION))
-    trainer = _trainer(model, tmp_path, "adamw_torch", steps=4)
+    trainer = _trainer(model, tmp_path, optim, steps=4)
     trainer.train()
     out = tmp_path / "saved"
     trainer.save_model(str(out))  # no forward since the last optimizer step
