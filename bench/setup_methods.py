@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import hifi_fast
+from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
 
-LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
 
 def build_model(name: str, num_labels: int = 3) -> nn.Module:
@@ -48,23 +48,15 @@ def make_batch(model: nn.Module, batch_size: int, seq_len: int, seed: int, devic
 def prepare(model: nn.Module, method: str, *, heads_per_layer: int = 1, lora_r: int = 8, scoring_batches=None) -> nn.Module:
     """Set ``model`` up for ``method``: ``hifi``, ``lora``, ``full`` or ``frozen`` (task head only,
     input gradients still flowing through the whole backbone: the lower bound of any method that
-    trains inside it)."""
-    family = hifi_fast.adapters.get_adapter(model).family
+    trains inside it). LoRA uses peft's defaults (no dropout), the cheapest LoRA there is."""
     if method == "full":
-        return model
+        return train_everything(model)
     if method == "frozen":
-        task = set(hifi_fast.adapters.get_adapter(model).default_modules_to_save(model))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.split(".")[0] in task)
-        model.enable_input_require_grads()
-        return model
+        return freeze_backbone(model, input_grads=True)
     if method == "hifi":
         scores = hifi_fast.score_heads(model, scoring_batches, num_examples=64)
         selection = hifi_fast.select_heads(scores, hifi_fast.HiFiConfig(heads_per_layer=heads_per_layer))
         return hifi_fast.patch(model, selection)
     if method == "lora":
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=2 * lora_r, target_modules=LORA_TARGETS[family])
-        return get_peft_model(model, config)
+        return apply_lora(model, r=lora_r)
     raise ValueError(f"unknown method {method!r}; choose from hifi, lora, full, frozen")

@@ -40,8 +40,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 METHODS = ("hifi", "lora", "full", "frozen")
 DEFAULT_LR = {"hifi": 1e-3, "lora": 1e-3, "full": 5e-5, "frozen": 2e-3}
-LORA_TARGETS = {"bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "gpt2": ["c_attn"],
-                "llama": ["q_proj", "v_proj"]}
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
 FROZEN_WEIGHTS = "head_weights.safetensors"
@@ -307,10 +305,8 @@ def _check_args(args) -> None:
 
 def _setup_method(model, method: str, args, train_data, console: Console, progress: bool) -> dict:
     """Make ``model`` ready to train with ``method``; returns what to record (selection, timings)."""
-    import torch
-
     import hifi_fast
-    from hifi_fast.adapters import get_adapter
+    from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
     from hifi_fast.data import iter_batches
 
     info: dict = {}
@@ -331,25 +327,15 @@ def _setup_method(model, method: str, args, train_data, console: Console, progre
         return info
     if method == "lora":
         try:
-            from peft import LoraConfig, TaskType, get_peft_model
-        except ImportError:
-            raise CLIError("--method lora needs peft (pip install peft)") from None
-        adapter = get_adapter(model)
-        lora = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.1,
-            target_modules=LORA_TARGETS[adapter.family],
-            modules_to_save=adapter.default_modules_to_save(model),
-        )
-        info["peft_model"] = get_peft_model(model, lora)
+            info["peft_model"] = apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=0.1)
+        except ImportError as err:
+            raise CLIError(str(err)) from None
         return info
     if method == "full":
-        for param in model.parameters():
-            param.requires_grad_(True)
+        train_everything(model)
         return info
     if method == "frozen":
-        heads = set(get_adapter(model).default_modules_to_save(model))
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.split(".")[0] in heads)
+        freeze_backbone(model)
         return info
     raise CLIError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 

@@ -108,7 +108,7 @@ def test_unreadable_jsonl_rows_listed_with_line_numbers(tmp_path):
 
 
 def test_many_bad_lines_are_abbreviated(tmp_path):
-    rows = "".join(f",a\n" for _ in range(25))
+    rows = "".join(",a\n" for _ in range(25))
     with pytest.raises(DataError, match=r"lines 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 and 15 more"):
         read_labelled_file(write(tmp_path / "b.csv", "text,label\n" + rows))
 

@@ -1,5 +1,4 @@
 """Scoring (DESIGN §1.2-1.4) against the float64 reference, padding invariance and bad input."""
-import pytest
 import torch
 
 import hifi_fast
