@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from hifi_fast.backends import available_backends
+
 FIELDS = ["method", "backend", "mode", "metric", "x_name", "x_value", "p20", "p50", "p80", "device", "torch", "triton"]
 SUITES = {
     # model, batch, seq, timed steps, sweeps {x_name: values}
@@ -50,21 +52,6 @@ def run_worker(spec: dict, backend: str = "") -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def backends_for(device: str) -> list[str]:
-    """Every hifi backend that can run on ``device``."""
-    from hifi_fast import backends
-
-    names = ["torch"]
-    if device == "cuda":
-        for name in ("triton", "cuda"):
-            try:
-                backends._load(name)
-                names.append(name)
-            except ImportError:
-                pass
-    return names
-
-
 def percentiles(values) -> tuple[float, float, float]:
     p20, p50, p80 = np.percentile(np.asarray(values, dtype=float), [20, 50, 80])
     return float(p20), float(p50), float(p80)
@@ -93,7 +80,7 @@ def plan(suite: str, device: str) -> tuple[list[tuple], dict]:
                     heads_per_layer=1, lora_r=8, warmup=3, steps=steps)
     jobs = []
     for method, options in METHODS:
-        for backend in backends_for(device) if method == "hifi" else [""]:
+        for backend in available_backends(device) if method == "hifi" else [""]:
             jobs.append((method, options, backend, "config", "default", {}))
     for x_name, values in sweeps.items():
         methods = [("hifi", {})] if x_name == "heads_per_layer" else [m for m in METHODS if m[1].get("lora_r", 8) == 8]

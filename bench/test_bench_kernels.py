@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from hifi_fast import backends, ops
+from hifi_fast.backends import available_backends
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -19,17 +20,6 @@ TOKENS = 8192 if CUDA else 512
 # name: (d_model, heads, head_dim)
 LAYERS = {"bert-base": (768, 12, 64), "roberta-large": (1024, 16, 64), "llama-1b": (2048, 32, 64)}
 DTYPES = [torch.bfloat16, torch.float32] if CUDA else [torch.float32]
-
-
-def _available_backends() -> list[str]:
-    names = ["torch"]
-    for name in ("triton", "cuda") if CUDA else ():
-        try:
-            backends._load(name)
-            names.append(name)
-        except ImportError:
-            pass
-    return names
 
 
 def _sync():
@@ -57,7 +47,7 @@ def _record(benchmark, flops, **info):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("heads_selected", [1, 2, 4])
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("impl", _available_backends() + ["gather_matmul", "dense_gemm"])
+@pytest.mark.parametrize("impl", available_backends(DEVICE.type) + ["gather_matmul", "dense_gemm"])
 def test_sparse_head_row_grad(benchmark, impl, layer, heads_selected, dtype, monkeypatch):
     dy, x, blocks, head_dim = _operands(layer, heads_selected, dtype)
     rows = len(blocks) * head_dim
@@ -92,7 +82,7 @@ def _naive_entropy_loop(context, mask):
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
-@pytest.mark.parametrize("impl", _available_backends() + ["naive_svdvals_loop"])
+@pytest.mark.parametrize("impl", available_backends(DEVICE.type) + ["naive_svdvals_loop"])
 def test_scoring_statistics(benchmark, impl, layer, monkeypatch):
     d_model, heads, head_dim = LAYERS[layer]
     batch, tokens = (32, 128) if CUDA else (8, 64)

@@ -73,6 +73,18 @@ def backend_name(device: torch.device) -> str:
     return "torch"
 
 
+def available_backends(device_type: str) -> list[str]:
+    """The backends that can run here on ``device_type`` tensors (``"cpu"`` or ``"cuda"``)."""
+    names = ["torch"]
+    for name in ("triton", "cuda") if device_type == "cuda" else ():
+        try:
+            _load(name)
+            names.append(name)
+        except ImportError:
+            pass
+    return names
+
+
 def ops_for(tensor: torch.Tensor) -> ModuleType:
     """The module implementing the ops for ``tensor``'s device."""
     return _load(backend_name(tensor.device))

@@ -24,6 +24,13 @@ from transformers import (  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; needs CUDA")
+compiled_gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
+KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+
 VOCAB = 97
 FAMILIES = ("bert", "gpt2", "llama")
 

@@ -12,7 +12,6 @@ to ``rtol=1e-12``; the centred cross-head term is fp32 (DESIGN §2: fine for CKA
 against float64 and against the PyTorch op (atol 1e-6 of the largest entry). Entropies from the
 kernel's Grams match the SVD reference to 1e-6 relative (the §2 richness rule is 1e-4).
 """
-import os
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ import torch
 from hifi_fast import kernels, ops
 from reference import entropy_of
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; needs CUDA")
-compiled_gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES, compiled_gpu
 
 
 def _context(batch, tokens, heads, dim, valid, dtype, layout="bthd", seed=0):

@@ -12,19 +12,13 @@ Tolerances: against float64, fp32 ``rtol=atol=1e-5`` (atol scaled by √N, the s
 output ulps (``rtol`` 2e-3 / 1.6e-2), which covers a different summation order flipping a rounding.
 On GPU, at realistic sizes: error vs float64 ≤ 2x PyTorch's own error in the same dtype.
 """
-import os
 
 import pytest
 import torch
 
 from hifi_fast import backends, kernels, ops
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; needs CUDA")
-compiled_gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]
+from conftest import DEVICE, KERNEL_DTYPES as DTYPES, compiled_gpu
 VS_FLOAT64 = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 VS_TORCH = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
