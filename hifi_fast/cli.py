@@ -62,6 +62,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                       help="label column (default: label; 'sentiment' for the default dataset)")
     data.add_argument("--eval-fraction", type=float, default=0.1,
                       help="held-out share when there is no --eval (default: 0.1)")
+    data.add_argument("--validation", action="store_true",
+                      help="evaluate on a validation split carved (stratified, --eval-fraction) from the "
+                      "training data instead of the eval set, e.g. to choose --lr without touching it")
     data.add_argument("--max-train-examples", type=int, default=6000,
                       help="stratified subset of the training data, 0 for all (default: 6000)")
     data.add_argument("--max-eval-examples", type=int, default=2000,
@@ -372,7 +375,7 @@ def _load_splits(args):
         train_path=args.train, eval_path=args.eval, text_column=args.text_column,
         label_column=args.label_column, eval_fraction=args.eval_fraction,
         max_train_examples=args.max_train_examples or None, max_eval_examples=args.max_eval_examples or None,
-        seed=args.seed,
+        seed=args.seed, validation=args.validation,
     )
 
 

@@ -307,11 +307,14 @@ def load_data(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     seed: int = 0,
+    validation: bool = False,
 ) -> DataSplits:
     """Read the training data (default dataset unless ``train_path``) and its evaluation set.
 
     With no ``eval_path`` the data is split (stratified, seeded) into ``1 - eval_fraction`` /
-    ``eval_fraction``. Then each part is cut to ``max_*_examples`` (stratified, seeded).
+    ``eval_fraction``. With ``validation`` the evaluation set is set aside unread and a validation
+    set is carved (stratified, same fraction) out of the training part and returned in its place,
+    for choosing hyper-parameters. Then each part is cut to ``max_*_examples`` (stratified, seeded).
     """
     if eval_path is not None and train_path is None:
         raise DataError(f"{eval_path}: --eval needs --train (the default dataset is split automatically)")
@@ -337,6 +340,10 @@ def load_data(
             raise DataError(f"{path}: too few rows ({len(full)}) to hold out an evaluation set")
         train, evaluation = full.subset(train_idx), full.subset(eval_idx)
         description = f"{source}, stratified split {1 - eval_fraction:.0%}/{eval_fraction:.0%} (seed {seed})"
+    if validation:
+        train_idx, val_idx = stratified_split(train.labels, eval_fraction, seed)
+        train, evaluation = train.subset(train_idx), train.subset(val_idx)
+        description += f"; evaluating on a {eval_fraction:.0%} validation split of the training part"
     train = train.subset(stratified_subsample(train.labels, max_train_examples, seed))
     evaluation = evaluation.subset(stratified_subsample(evaluation.labels, max_eval_examples, seed + 1))
     train.source = evaluation.source = source

