@@ -24,4 +24,5 @@ tests_rc=${PIPESTATUS[0]}
 set -e
 python -m pytest bench/test_bench_kernels.py -q --benchmark-json="$out/kernels.json" 2>&1 | tee "$out/kernels.log"
 python -m bench.run --suite full --device cuda --out "$out"
+python -m bench.profile_step --device cuda --out "$out/profile.md"
 exit "$tests_rc"
