@@ -44,7 +44,9 @@ def _model_identity(model: nn.Module) -> dict:
 
 
 def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """Trainable tensors by name; FSDP2 shards are gathered whole (so every rank must call)."""
+    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
+            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -59,7 +61,10 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Save the patched model's compact slices and task head (not the base model) to ``directory``."""
+    """Save the patched model's compact slices and task head (not the base model) to ``directory``.
+
+    Under FSDP call it on every rank: the shards are gathered (a collective) and every rank writes
+    the same files atomically."""
     from . import __version__
 
     state = getattr(model, STATE_ATTR, None)

@@ -4,7 +4,9 @@
 object stays the same) and attaches the compact slices: ``hifi_weight`` (and ``hifi_bias``). The
 base weight stays the one tensor the forward GEMM reads; whenever the slices may have changed since
 the last write (any optimizer step, fused ones included, or an in-place edit), their values are
-copied into it first, so no call is needed after ``optimizer.step()``.
+copied into it first, so no call is needed after ``optimizer.step()``. Under FSDP, whose forward
+sees an all-gathered copy of the weight (writes into it would be lost), the slices are merged into
+a temporary copy instead.
 
 The module's ``state_dict`` is the plain model's: the slices are written into the base weight first
 and their own keys are left out, so ``save_pretrained``/``Trainer.save_model`` write a plain
@@ -16,6 +18,11 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
+
+try:  # FSDP2 shards parameters as DTensors
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # torch built without distributed support
+    DTensor, distribute_tensor = (), None
 
 from .adapters import ProjectionSlice
 from .ops import feature_index
@@ -47,8 +54,12 @@ class HeadSliceMixin:
     hifi_blocks: torch.Tensor
     hifi_index: torch.Tensor
 
-    def weight_2d(self) -> torch.Tensor:
+    def as_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (this module's layout) as ``[d_out, d_in]``."""
         raise NotImplementedError
+
+    def weight_2d(self) -> torch.Tensor:
+        return self.as_2d(self.weight)
 
     def attach_slices(self, spec: ProjectionSlice, master_dtype: torch.dtype | None = None) -> None:
         """Create the compact trainable slices from the current base weight, in ``master_dtype``
@@ -66,7 +77,7 @@ class HeadSliceMixin:
         self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].to(dtype, copy=True))
         self.hifi_synced = self.slice_state()
         self.hifi_hooks = [
-            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_slices()),
+            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_for_state_dict()),
             self.register_state_dict_post_hook(_drop_slice_keys),
             self.register_load_state_dict_pre_hook(lambda module, *args: module.sync_slices()),
             self.register_load_state_dict_post_hook(_refresh_after_load),
@@ -84,19 +95,34 @@ class HeadSliceMixin:
         if not torch.compiler.is_compiling() and self.slice_state() == self.hifi_synced:
             return
         dim = 0 if self.hifi_sliced == ROWS else 1
-        self.weight_2d().index_copy_(dim, self.hifi_index, self.hifi_weight.to(self.weight.dtype))
+        weight = _whole(self.weight)
+        self.as_2d(weight).index_copy_(dim, self.hifi_index, _whole(self.hifi_weight).to(weight.dtype))
+        _assign(self.weight, weight)
         if self.hifi_bias is not None:
-            self.bias.index_copy_(0, self.hifi_index, self.hifi_bias.to(self.bias.dtype))
+            bias = _whole(self.bias)
+            bias.index_copy_(0, self.hifi_index, _whole(self.hifi_bias).to(bias.dtype))
+            _assign(self.bias, bias)
         if not torch.compiler.is_compiling():
             self.hifi_synced = self.slice_state()
+
+    def sync_for_state_dict(self) -> None:
+        """Before ``state_dict``: the plain model's state holds the slices."""
+        if getattr(self, "_is_fsdp_managed_module", False) and not isinstance(self.weight, DTensor):
+            raise NotImplementedError(
+                "state_dict of a hifi_fast-patched model under FSDP1 (FullyShardedDataParallel) is not "
+                "supported: its parameters are views of flat shards there. Training under it works; to "
+                "save, shard with FSDP2 (torch.distributed.fsdp.fully_shard), whose state dicts and "
+                "hifi_fast.save are supported."
+            )
+        self.sync_slices()
 
     @torch.no_grad()
     def refresh_slices(self) -> None:
         """Read the slices back from the base weight (after it was loaded)."""
         dim = 0 if self.hifi_sliced == ROWS else 1
-        self.hifi_weight.copy_(self.weight_2d().index_select(dim, self.hifi_index))
+        _assign(self.hifi_weight, self.as_2d(_whole(self.weight)).index_select(dim, self.hifi_index))
         if self.hifi_bias is not None:
-            self.hifi_bias.copy_(self.bias[self.hifi_index])
+            _assign(self.hifi_bias, _whole(self.bias)[self.hifi_index])
         self.hifi_synced = self.slice_state()
 
     def detach_slices(self) -> None:
@@ -111,10 +137,16 @@ class HeadSliceMixin:
         self.__class__ = PLAIN_CLASS[type(self)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.sync_slices()
+        merge_index = None
+        # FSDP (1 and 2) marks the modules it manages; their weight in the forward is an all-gathered
+        # copy that is freed and gathered again (from the unchanged shards) for the backward.
+        if getattr(self, "_is_fsdp_managed_module", False):
+            merge_index = self.hifi_index
+        else:
+            self.sync_slices()
         return sparse_head_linear(
             x, self.weight_2d(), self.bias, self.hifi_weight, self.hifi_bias,
-            self.hifi_blocks, self.hifi_block_size, self.hifi_sliced,
+            self.hifi_blocks, self.hifi_block_size, self.hifi_sliced, merge_index,
         )
 
     def extra_repr(self) -> str:
@@ -125,15 +157,29 @@ class HeadSliceMixin:
 class HiFiLinear(HeadSliceMixin, nn.Linear):
     """``nn.Linear`` whose only trainable parameters are head slices."""
 
-    def weight_2d(self) -> torch.Tensor:
-        return self.weight
+    def as_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
 
 
 class HiFiConv1D(HeadSliceMixin, Conv1D):
     """GPT-2 ``Conv1D`` (weight ``[d_in, d_out]``) whose only trainable parameters are head slices."""
 
-    def weight_2d(self) -> torch.Tensor:
-        return self.weight.t()
+    def as_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of an FSDP2 shard (gathered: every rank must call), else ``tensor`` itself."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target[...] = value``; for a shard, its own part of ``value``."""
+    if target is value:
+        return
+    if isinstance(target, DTensor):
+        target, value = target.to_local(), distribute_tensor(value, target.device_mesh, target.placements).to_local()
+    target.copy_(value)
 
 
 def _drop_slice_keys(module, state_dict, prefix, local_metadata) -> None:

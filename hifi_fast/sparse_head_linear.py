@@ -2,7 +2,9 @@
 
 The forward is the base model's one GEMM on the base weight, which already holds the current slice
 values. The backward returns the dense input gradient and the compact gradient of the slices only:
-no full-size weight gradient ever exists.
+no full-size weight gradient ever exists. Where the weight is a copy that the module does not own
+(FSDP's all-gathered parameters), the slices are merged into a temporary copy instead, in the
+forward and again in the backward.
 
 The weight-gradient ops are ``torch.library`` custom ops (``hifi_fast::head_rows_grad``,
 ``hifi_fast::head_cols_grad``) with fake implementations, so ``torch.compile`` traces through the
@@ -50,15 +52,20 @@ class SparseHeadLinearFunction(torch.autograd.Function):
     gradient (their values are read through ``weight``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced):
-        ctx.save_for_backward(x, weight, blocks)
+    def forward(ctx, x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced, merge_index):
+        # Merging, the base weight and the slice are saved rather than the merged copy: FSDP
+        # gathers the weight again for the backward, and the copy lives only while it is used.
+        ctx.save_for_backward(x, weight, blocks, *((slice_weight, merge_index) if merge_index is not None else (None, None)))
         ctx.block_size, ctx.sliced = block_size, sliced
-        return F.linear(x, weight, bias)
+        return F.linear(x, *merged(weight, bias, slice_weight, slice_bias, sliced, merge_index))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, blocks = ctx.saved_tensors
-        grad_x = grad_out.matmul(weight.to(grad_out.dtype)) if ctx.needs_input_grad[0] else None
+        x, weight, blocks, slice_weight, merge_index = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = merged(weight, None, slice_weight, None, ctx.sliced, merge_index)[0]
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype))
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         # Under autocast the saved input keeps its own dtype while the gradient is in the autocast
         # dtype; the slice gradients are taken in the gradient's dtype (autograd casts them to the
@@ -71,7 +78,19 @@ class SparseHeadLinearFunction(torch.autograd.Function):
             grad_slice_bias = grad_slice_bias if with_bias else None
         else:
             grad_slice = head_cols_grad(grad_2d, x_2d, blocks, ctx.block_size)
-        return grad_x, None, None, grad_slice, grad_slice_bias, None, None, None
+        return grad_x, None, None, grad_slice, grad_slice_bias, None, None, None, None
+
+
+def merged(weight, bias, slice_weight, slice_bias, sliced, merge_index):
+    """``(weight, bias)`` with the slice values written into copies at ``merge_index``, or as they
+    are when ``merge_index`` is ``None`` (they already hold the slices)."""
+    if merge_index is None:
+        return weight, bias
+    dim = 0 if sliced == ROWS else 1
+    weight = weight.detach().index_copy(dim, merge_index, slice_weight.detach().to(weight.dtype))
+    if slice_bias is not None:
+        bias = bias.detach().index_copy(0, merge_index, slice_bias.detach().to(bias.dtype))
+    return weight, bias
 
 
 def sparse_head_linear(
@@ -83,6 +102,7 @@ def sparse_head_linear(
     blocks: torch.Tensor,
     block_size: int,
     sliced: str,
+    merge_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with gradients flowing to the head slices only.
 
@@ -92,7 +112,10 @@ def sparse_head_linear(
             (``sliced="cols"``).
         slice_bias: trainable ``[nb*bs]`` bias entries of the rows, or ``None``.
         blocks: ``[nb]`` first feature of each head block; ``block_size``: features per block.
+        merge_index: ``None`` when ``weight`` holds the slice values; otherwise the ``[nb*bs]``
+            features of the slices, which are then merged into temporary copies of ``weight``/``bias``.
     """
     if not torch.is_grad_enabled() or not (x.requires_grad or slice_weight.requires_grad):
-        return F.linear(x, weight, bias)
-    return SparseHeadLinearFunction.apply(x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced)
+        return F.linear(x, *merged(weight, bias, slice_weight, slice_bias, sliced, merge_index))
+    return SparseHeadLinearFunction.apply(x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced,
+                                          merge_index)

@@ -49,6 +49,50 @@ def test_one_sgd_step_equals_masked_full_fine_tuning(family):
             assert not torch.equal(merged[name], dict(base.named_parameters())[name]), f"{name} did not train"
 
 
+def test_merging_into_a_copy_trains_like_writing_into_the_weight(family):
+    """Under FSDP (marked ``_is_fsdp_managed_module``) the forward merges the slices into a copy of
+    the weight instead of writing them into it: same losses, gradients and trained model over three
+    steps, for every layout (separate Q/K/V, fused Conv1D, GQA), while the base weights stay as they
+    were until the state dict asks for them."""
+    base = tiny_model(family)
+    batch = tiny_batch(seed=5)
+    runs = []
+    for merge in (False, True):
+        model = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTIONS[family]))
+        hifi_modules = [m for m in model.modules() if hasattr(m, "hifi_weight")]
+        for module in hifi_modules:
+            module._is_fsdp_managed_module = merge
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+        losses, grads = [], []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = _loss(model, batch)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            opt.step()
+        if merge:
+            for module, (name, weight) in zip(hifi_modules, _base_weights(base, hifi_modules, model)):
+                assert torch.equal(module.weight, weight), f"{name} was written during the forward"
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        runs.append((losses, grads, logits, hifi_fast.unpatch(model).state_dict()))
+    (losses, grads, logits, state), (m_losses, m_grads, m_logits, m_state) = runs
+    torch.testing.assert_close(torch.stack(m_losses), torch.stack(losses), rtol=1e-6, atol=1e-7)
+    for step, (g, mg) in enumerate(zip(grads, m_grads)):
+        for name in g:
+            torch.testing.assert_close(mg[name], g[name], rtol=1e-5, atol=1e-7, msg=lambda m: f"step {step} {name}: {m}")
+    torch.testing.assert_close(m_logits, logits, rtol=1e-6, atol=1e-6)
+    for name in state:
+        torch.testing.assert_close(m_state[name], state[name], rtol=1e-6, atol=1e-7)
+
+
+def _base_weights(base, hifi_modules, model):
+    names = {id(m): n for n, m in model.named_modules()}
+    plain = dict(base.named_modules())
+    return [(names[id(m)], plain[names[id(m)]].weight) for m in hifi_modules]
+
+
 def test_frozen_parameters_never_get_a_gradient(family):
     model = hifi_fast.patch(tiny_model(family), hifi_fast.HeadSelection(SELECTIONS[family]))
     _loss(model, tiny_batch()).backward()
