@@ -45,12 +45,12 @@ METHODS = (
            note="PageRank selection, 2 heads per layer"),
     Method("hifi-random", ("--method", "hifi", "--score", "random"), lr_from="hifi",
            note="control: 2 random heads per layer, HiFi's learning rate"),
-    Method("lora-r8", ("--method", "lora", "--lora-r", "8", "--lora-alpha", "16"), lr_grid=(3e-4, 1e-3, 3e-3),
+    Method("lora-r8", ("--method", "lora", "--lora-r", "8", "--lora-alpha", "16"), lr_grid=(1e-3, 3e-3),
            note="peft LoRA on query/value"),
     Method(f"lora-r{MATCHED_LORA_R}", ("--method", "lora", "--lora-r", str(MATCHED_LORA_R),
                                        "--lora-alpha", str(2 * MATCHED_LORA_R)), lr_from="lora-r8",
            note="LoRA at HiFi's parameter budget (alpha = 2r as for r=8), LoRA r=8's learning rate"),
-    Method("full", ("--method", "full"), lr_grid=(2e-5, 5e-5, 1e-4), note="full fine-tuning"),
+    Method("full", ("--method", "full"), lr_grid=(5e-5, 1e-4), note="full fine-tuning"),
     Method("frozen", ("--method", "frozen"), fixed_lr=2e-3, note="classifier only (lower bound)"),
 )
 
