@@ -45,7 +45,7 @@ METHODS = (
            note="PageRank selection, 2 heads per layer"),
     Method("hifi-random", ("--method", "hifi", "--score", "random"), lr_from="hifi",
            note="control: 2 random heads per layer, HiFi's learning rate"),
-    Method("lora-r8", ("--method", "lora", "--lora-r", "8", "--lora-alpha", "16"), lr_grid=(1e-3, 3e-3),
+    Method("lora-r8", ("--method", "lora", "--lora-r", "8", "--lora-alpha", "16"), lr_grid=(1e-3, 3e-3, 1e-2),
            note="peft LoRA on query/value"),
     Method(f"lora-r{MATCHED_LORA_R}", ("--method", "lora", "--lora-r", str(MATCHED_LORA_R),
                                        "--lora-alpha", str(2 * MATCHED_LORA_R)), lr_from="lora-r8",
