@@ -48,8 +48,8 @@ METHODS = (
     Method("lora-r8", ("--method", "lora", "--lora-r", "8", "--lora-alpha", "16"), lr_grid=(1e-3, 3e-3, 1e-2),
            note="peft LoRA on query/value"),
     Method(f"lora-r{MATCHED_LORA_R}", ("--method", "lora", "--lora-r", str(MATCHED_LORA_R),
-                                       "--lora-alpha", str(2 * MATCHED_LORA_R)), lr_from="lora-r8",
-           note="LoRA at HiFi's parameter budget (alpha = 2r as for r=8), LoRA r=8's learning rate"),
+                                       "--lora-alpha", str(2 * MATCHED_LORA_R)), lr_grid=(3e-4, 1e-3, 3e-3),
+           note="LoRA at HiFi's parameter budget (alpha = 2r as for r=8)"),
     Method("full", ("--method", "full"), lr_grid=(5e-5, 1e-4, 2e-4), note="full fine-tuning"),
     Method("frozen", ("--method", "frozen"), fixed_lr=2e-3, note="classifier only (lower bound)"),
 )
