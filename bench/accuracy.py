@@ -10,7 +10,8 @@
 Methods: HiFi (PageRank, 2 heads per layer), the same number of randomly chosen heads (control),
 LoRA r=8 on query/value, LoRA at HiFi's trainable-parameter budget, full fine-tuning, and the
 frozen backbone (classifier only). Writes ``docs/results.md``, ``docs/results.csv`` and
-``docs/heads.png`` after every run, so a partial study still leaves a correct partial report.
+``docs/heads.png`` after every run, so a partial study still leaves a correct partial report;
+``docs/results_notes.md``, if present, is included as its notes.
 """
 from __future__ import annotations
 
@@ -163,6 +164,9 @@ class Study:
             for lr, m in sorted(tried.items()):
                 mark = " (chosen)" if lr == best and len(tried) == len(_method(name).lr_grid) else ""
                 lines.append(f"| {name} | {lr:g}{mark} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+        notes = self.docs_dir / "results_notes.md"
+        if notes.exists():
+            lines += ["", "## Notes", "", notes.read_text().strip()]
         if (self.docs_dir / "heads.png").exists():
             lines += ["", "## Selected heads (seed 0)", "", "![PageRank, richness and correlation per head; "
                       "selected heads marked](heads.png)"]
