@@ -115,12 +115,16 @@ def _fsdp_worker(rank: int, init_file: str, out: str, api: str) -> None:
             result["state_dict"] = get_model_state_dict(model, options=options)
             hifi_fast.save(patched, f"{out}.checkpoint")  # every rank: the shards are gathered
         else:
+            # The state-dict pre-hook of an FSDP1-managed slice module refuses. It is called directly:
+            # raised from inside FSDP1's own state_dict hooks, the error would leave their unshard
+            # contexts entered, and tearing those down at exit can abort the worker.
             try:
-                get_model_state_dict(model, options=options)
+                patched.model.layers[0].self_attn.q_proj.sync_for_state_dict()
             except NotImplementedError as err:
                 result["state_dict_error"] = str(err)
         if rank == 0:
             torch.save(result, out)
+        dist.barrier()  # no rank tears its process group down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
