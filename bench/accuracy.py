@@ -6,6 +6,8 @@
    (``hifi-fast finetune --validation``, seed 0); the eval split is never read for this.
 2. Every method then runs with its chosen rate on the default train/eval split for seeds 0, 1, 2
    (the seed also draws the split, so methods are compared pairwise on the same data per seed).
+3. HiFi's options (score, heads per layer, global selection, random heads) are compared on the
+   validation splits of seeds 0 and 1, at HiFi's chosen rate.
 
 Methods: HiFi (PageRank, 2 heads per layer), the same number of randomly chosen heads (control),
 LoRA r=8 on query/value, LoRA at HiFi's trainable-parameter budget, full fine-tuning, and the
@@ -29,6 +31,18 @@ from pathlib import Path
 # so 2 heads x 6 layers = 590,976; LoRA on query+value adds 2 x 6 x r x (384 + 384) = 9,216 r.
 MATCHED_LORA_R = 64  # 589,824 parameters
 SEEDS = (0, 1, 2)
+# HiFi's options (DESIGN §1.5) compared on validation only, at HiFi's chosen rate, so that no choice
+# made from them touches the eval split: (run-name slug, label, extra finetune options).
+ABLATIONS = (
+    ("", "PageRank, 2 heads/layer (default)", ()),
+    ("richness", "richness only", ("--score", "richness")),
+    ("correlation", "correlation only", ("--score", "correlation")),
+    ("random", "random heads", ("--score", "random")),
+    ("heads1", "PageRank, 1 head/layer", ("--heads-per-layer", "1")),
+    ("heads4", "PageRank, 4 heads/layer", ("--heads-per-layer", "4")),
+    ("global", "PageRank, global top 12", ("--selection", "global")),
+)
+ABLATION_SEEDS = (0, 1)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,7 @@ class Study:
     extra: tuple[str, ...] = ()  # more finetune options for every run (e.g. a small smoke test)
     sweep: dict[str, dict[float, dict]] = field(default_factory=dict)
     final: dict[str, dict[int, dict]] = field(default_factory=dict)
+    ablations: dict[str, dict[int, dict]] = field(default_factory=dict)
 
     def run(self, name: str, argv: list[str]) -> dict:
         run_dir = self.runs_dir / name
@@ -96,6 +111,16 @@ class Study:
                 lr = self.chosen_lr(method)
                 metrics = self.run(f"eval-{method.name}-seed{seed}", [*method.args, "--lr", f"{lr:g}", "--seed", str(seed)])
                 self.final.setdefault(method.name, {})[seed] = metrics
+                self.report()
+
+    def ablate(self) -> None:
+        lr = self.chosen_lr(_method("hifi"))
+        for seed in ABLATION_SEEDS:
+            for slug, label, options in ABLATIONS:
+                # Seed 0's default run is the one of the validation sweep (same name, reused).
+                run = f"val-hifi{'-' + slug if slug else ''}-lr{lr:g}{f'-seed{seed}' if seed else ''}"
+                self.ablations.setdefault(label, {})[seed] = self.run(
+                    run, [*_method("hifi").args, *options, "--lr", f"{lr:g}", "--validation", "--seed", str(seed)])
                 self.report()
 
     # ------------------------------------------------------------------------------------ report
@@ -164,6 +189,7 @@ class Study:
             for lr, m in sorted(tried.items()):
                 mark = " (chosen)" if lr == best and len(tried) == len(_method(name).lr_grid) else ""
                 lines.append(f"| {name} | {lr:g}{mark} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
+        lines += self._ablation_lines()
         notes = self.docs_dir / "results_notes.md"
         if notes.exists():
             lines += ["", "## Notes", "", notes.read_text().strip()]
@@ -189,6 +215,25 @@ class Study:
                 "| comparison | mean | per seed |", "|---|---|---|", *out]
 
 
+    def _ablation_lines(self) -> list[str]:
+        if not self.ablations:
+            return []
+        seeds = ", ".join(map(str, ABLATION_SEEDS))
+        lines = ["", f"## HiFi's options on validation (seeds {seeds})", "",
+                 f"Every variant at HiFi's chosen rate ({self.chosen_lr(_method('hifi')):g}), evaluated on the validation "
+                 "split of each seed (the seed also draws that split); the eval split is not read.", "",
+                 "| variant | trainable params | " + " | ".join(f"val. accuracy seed {s}" for s in ABLATION_SEEDS)
+                 + " | mean | selected heads (seed 0) |",
+                 "|---|---|" + "---|" * len(ABLATION_SEEDS) + "---|---|"]
+        for label, runs in self.ablations.items():
+            cells = [f"{100 * runs[s]['accuracy']:.2f}" if s in runs else "" for s in ABLATION_SEEDS]
+            mean = f"{statistics.mean(100 * r['accuracy'] for r in runs.values()):.2f}"
+            heads = json.dumps(runs[0]["selected_heads"]).replace('"', "") if 0 in runs else ""
+            first = next(iter(runs.values()))
+            lines.append(f"| {label} | {first['trainable_params']:,} | {' | '.join(cells)} | {mean} | {heads} |")
+        return lines
+
+
 def _method(name: str) -> Method:
     return next(m for m in METHODS if m.name == name)
 
@@ -210,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     study = Study(args.runs_dir, args.docs_dir, args.threads, tuple(args.finetune_args))
     study.tune()
     study.evaluate()
+    study.ablate()
     print(f"written: {args.docs_dir / 'results.md'}")
 
 
