@@ -24,10 +24,10 @@ from hifi_fast.backends import available_backends
 
 FIELDS = ["method", "backend", "mode", "metric", "x_name", "x_value", "p20", "p50", "p80", "device", "torch", "triton"]
 SUITES = {
-    # model, batch, seq, timed steps, sweeps {x_name: values}
-    "quick": {"cpu": ("minilm", 16, 64, 20, {}), "cuda": ("bert-base", 32, 128, 30, {})},
+    # model, batch, seq, timed steps per round, sweeps {x_name: values}
+    "quick": {"cpu": ("minilm", 16, 64, 10, {}), "cuda": ("bert-base", 32, 128, 30, {})},
     "full": {
-        "cpu": ("minilm", 16, 64, 20, {"seq_len": [32, 64, 128, 256], "heads_per_layer": [1, 2, 4, 12], "batch_size": [4, 16, 32]}),
+        "cpu": ("minilm", 16, 64, 10, {"seq_len": [32, 64, 128, 256], "heads_per_layer": [1, 2, 4, 12], "batch_size": [4, 16, 32]}),
         "cuda": ("bert-base", 32, 128, 30, {"seq_len": [128, 256, 512, 1024, 2048], "heads_per_layer": [1, 2, 4, 12], "batch_size": [8, 32, 64]}),
     },
 }
@@ -50,6 +50,14 @@ def run_worker(spec: dict, backend: str = "") -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pool(results: list[dict]) -> dict:
+    """One result from several rounds of the same measurement: all step times, median memory."""
+    pooled = dict(results[0], step_times=[t for r in results for t in r["step_times"]])
+    for key in ("peak_mb", "base_mb"):
+        pooled[key] = float(np.median([r[key] for r in results]))
+    return pooled
 
 
 def percentiles(values) -> tuple[float, float, float]:
@@ -152,7 +160,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", help="override the suite's model (minilm, bert-base, llama-1b, tiny-bert)")
-    parser.add_argument("--steps", type=int, help="override the number of timed steps")
+    parser.add_argument("--steps", type=int, help="override the number of timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds over the methods at the default configuration, interleaved so that drifts of "
+                             "a shared machine spread over all methods alike (default: 3)")
     parser.add_argument("--scoring-examples", type=int, default=256)
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device name>)")
     args = parser.parse_args(argv)
@@ -170,11 +181,21 @@ def main(argv: list[str] | None = None) -> Path:
     except ImportError:
         triton_version = ""
     common = dict(device=name, torch=torch.__version__, triton=triton_version)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    # The default configuration runs round-robin (every method's round r before any method's round
+    # r + 1); a sweep point runs once, with as many timed steps as the rounds together.
+    specs = [{**defaults, **options, **override, "method": method,
+              **({} if x_name == "config" else {"steps": defaults["steps"] * args.rounds})}
+             for method, options, _, x_name, _, override in jobs]
+    config = [i for i, job in enumerate(jobs) if job[3] == "config"]
+    ordered = config * args.rounds + [i for i, job in enumerate(jobs) if job[3] != "config"]
+    results: dict[int, list[dict]] = {}
+    for i in tqdm(ordered, desc="benchmarks", unit="run"):
+        results.setdefault(i, []).append(run_worker(specs[i], jobs[i][2]))
     rows: list[dict] = []
-    for method, options, backend, x_name, x_value, override in tqdm(jobs, desc="benchmarks", unit="run"):
-        spec = {**defaults, **options, **override, "method": method}
-        result = run_worker(spec, backend)
-        rows += train_rows(label(method, options), backend, x_name, x_value, spec, result, common)
+    for i, (method, options, backend, x_name, x_value, _) in enumerate(jobs):
+        rows += train_rows(label(method, options), backend, x_name, x_value, specs[i], pool(results[i]), common)
     scoring_spec = dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3)
     scoring = run_worker(scoring_spec)
     for what, times in scoring.items():
@@ -195,7 +216,8 @@ def main(argv: list[str] | None = None) -> Path:
     ]
     (out / "summary.md").write_text(
         f"# Benchmarks: {title}\n\ntorch {torch.__version__}, triton {triton_version or '-'}, suite {args.suite}, "
-        f"{defaults['steps']} timed steps after {defaults['warmup']} warm-up (forward + backward + AdamW step).\n\n"
+        f"{args.rounds} rounds x {defaults['steps']} timed steps after {defaults['warmup']} warm-up (forward + backward "
+        f"+ AdamW step), methods interleaved round by round; memory is the median over rounds.\n\n"
         f"{summary_table(rows)}\n\n" + "\n".join(scoring_lines) + "\n"
     )
     plot(rows, out, title)

@@ -128,7 +128,7 @@ def measure_scoring(spec: dict) -> dict:
 
     device = torch.device(spec["device"])
     model = build_model(spec["model"]).to(device=device, dtype=getattr(torch, spec["dtype"])).eval()
-    count = spec["num_examples"] // spec["batch_size"]
+    count = -(-spec["num_examples"] // spec["batch_size"])  # whole batches covering num_examples
     batches = [
         {k: v for k, v in make_batch(model, spec["batch_size"], spec["seq_len"], i, device).items() if k != "labels"}
         for i in range(count)
