@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     jobs, defaults = plan(args.suite, args.device)
     defaults.update({k: v for k, v in (("model", args.model), ("steps", args.steps)) if v is not None})
     name = device_name(args.device)
@@ -181,8 +183,6 @@ def main(argv: list[str] | None = None) -> Path:
     except ImportError:
         triton_version = ""
     common = dict(device=name, torch=torch.__version__, triton=triton_version)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     # The default configuration runs round-robin (every method's round r before any method's round
     # r + 1); a sweep point runs once, with as many timed steps as the rounds together.
     specs = [{**defaults, **options, **override, "method": method,

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import attention_layers, get_adapter
+from .modules import whole_tensor
 from .patching import STATE_ATTR, is_patched, patch, unpatch, weights_fingerprint
 from .selection import HeadSelection
 
@@ -45,8 +46,7 @@ def _model_identity(model: nn.Module) -> dict:
 
 def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Trainable tensors by name; FSDP2 shards are gathered whole (so every rank must call)."""
-    return {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().contiguous()
-            for name, p in model.named_parameters() if p.requires_grad}
+    return {name: whole_tensor(p).detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _atomic_write(path: Path, write) -> None:

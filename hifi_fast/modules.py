@@ -26,7 +26,7 @@ except ImportError:  # torch built without distributed support
 
 from .adapters import ProjectionSlice
 from .ops import feature_index
-from .sparse_head_linear import COLS, ROWS, sparse_head_linear
+from .sparse_head_linear import COLS, ROWS, slice_dim, sparse_head_linear
 
 # Fused optimizers update parameters without bumping their version counters, so every optimizer
 # step (of any torch optimizer) is counted here and makes the slices count as changed.
@@ -70,7 +70,7 @@ class HeadSliceMixin:
         self.hifi_sliced, self.hifi_block_size = spec.sliced, spec.block_size
         self.register_buffer("hifi_blocks", blocks, persistent=False)
         self.register_buffer("hifi_index", index, persistent=False)
-        dim = 0 if spec.sliced == ROWS else 1
+        dim = slice_dim(spec.sliced)
         dtype = master_dtype or weight.dtype
         self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).to(dtype, copy=True))
         bias = self.bias if spec.sliced == ROWS else None
@@ -94,13 +94,13 @@ class HeadSliceMixin:
         # simply runs every forward.
         if not torch.compiler.is_compiling() and self.slice_state() == self.hifi_synced:
             return
-        dim = 0 if self.hifi_sliced == ROWS else 1
-        weight = _whole(self.weight)
-        self.as_2d(weight).index_copy_(dim, self.hifi_index, _whole(self.hifi_weight).to(weight.dtype))
+        weight = whole_tensor(self.weight)
+        slices = whole_tensor(self.hifi_weight).to(weight.dtype)
+        self.as_2d(weight).index_copy_(slice_dim(self.hifi_sliced), self.hifi_index, slices)
         _assign(self.weight, weight)
         if self.hifi_bias is not None:
-            bias = _whole(self.bias)
-            bias.index_copy_(0, self.hifi_index, _whole(self.hifi_bias).to(bias.dtype))
+            bias = whole_tensor(self.bias)
+            bias.index_copy_(0, self.hifi_index, whole_tensor(self.hifi_bias).to(bias.dtype))
             _assign(self.bias, bias)
         if not torch.compiler.is_compiling():
             self.hifi_synced = self.slice_state()
@@ -119,10 +119,10 @@ class HeadSliceMixin:
     @torch.no_grad()
     def refresh_slices(self) -> None:
         """Read the slices back from the base weight (after it was loaded)."""
-        dim = 0 if self.hifi_sliced == ROWS else 1
-        _assign(self.hifi_weight, self.as_2d(_whole(self.weight)).index_select(dim, self.hifi_index))
+        dim = slice_dim(self.hifi_sliced)
+        _assign(self.hifi_weight, self.as_2d(whole_tensor(self.weight)).index_select(dim, self.hifi_index))
         if self.hifi_bias is not None:
-            _assign(self.hifi_bias, _whole(self.bias)[self.hifi_index])
+            _assign(self.hifi_bias, whole_tensor(self.bias)[self.hifi_index])
         self.hifi_synced = self.slice_state()
 
     def detach_slices(self) -> None:
@@ -168,7 +168,7 @@ class HiFiConv1D(HeadSliceMixin, Conv1D):
         return weight.t()
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
+def whole_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of an FSDP2 shard (gathered: every rank must call), else ``tensor`` itself."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 

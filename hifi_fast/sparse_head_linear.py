@@ -21,6 +21,11 @@ ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
 COLS = "cols"  # head blocks are input features (the output projection)
 
 
+def slice_dim(sliced: str) -> int:
+    """The dimension of the ``[d_out, d_in]`` weight that the head slices index."""
+    return 0 if sliced == ROWS else 1
+
+
 @torch.library.custom_op("hifi_fast::head_rows_grad", mutates_args=())
 def head_rows_grad(
     grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int, with_bias: bool
@@ -86,8 +91,7 @@ def merged(weight, bias, slice_weight, slice_bias, sliced, merge_index):
     are when ``merge_index`` is ``None`` (they already hold the slices)."""
     if merge_index is None:
         return weight, bias
-    dim = 0 if sliced == ROWS else 1
-    weight = weight.detach().index_copy(dim, merge_index, slice_weight.detach().to(weight.dtype))
+    weight = weight.detach().index_copy(slice_dim(sliced), merge_index, slice_weight.detach().to(weight.dtype))
     if slice_bias is not None:
         bias = bias.detach().index_copy(0, merge_index, slice_bias.detach().to(bias.dtype))
     return weight, bias

@@ -110,8 +110,8 @@ def _fsdp_worker(rank: int, init_file: str, out: str, api: str) -> None:
             model(**half).loss.backward()
             optimizer.step()
         result = {"logits": model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.detach()}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         if api == "fsdp2":
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
             result["state_dict"] = get_model_state_dict(model, options=options)
             hifi_fast.save(patched, f"{out}.checkpoint")  # every rank: the shards are gathered
         else:
