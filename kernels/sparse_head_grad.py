@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import driver
 
 # The interpreter's tl.dot reads bf16 as its raw uint16 bits; feed it fp32 there. On a GPU the
 # operands go to the tensor cores in their own dtype.
@@ -33,9 +34,31 @@ else:
     ]
 
 
+def _configs_that_fit(configs: list, named_args: dict, **meta) -> list:
+    """The autotune configs whose compiled kernel fits the device's shared memory per block.
+
+    Each config is compiled here (Triton caches it, so the launch or the benchmark reuses it) and
+    kept only if its shared memory is within the device's limit: e.g. fp32 tiles of 128 x 128 with
+    two stages need 263 KB, more than any GPU has (A100 163 KB, H100 227 KB). Without this the
+    autotuner would launch such a config and rely on swallowing the launch error."""
+    device = driver.active.get_current_device()
+    limit = driver.active.utils.get_device_properties(device)["max_shared_mem"]
+    kernel = _head_block_grad_kernel.fn
+    meta = {k: v for k, v in meta.items() if k not in ("grid", "warmup")}  # the autotuner's launch options
+    fits = [c for c in configs
+            if kernel.warmup(**named_args, **meta, **c.all_kwargs(), grid=(1,)).metadata.shared <= limit]
+    if not fits:
+        raise RuntimeError(
+            f"no tile configuration of the sparse-head gradient kernel fits this device's {limit} bytes of shared "
+            f"memory per block (dtype {named_args['head_ptr'].dtype}); use HIFI_FAST_BACKEND=torch"
+        )
+    return fits
+
+
 # ``num_blocks`` is only an autotune key: fewer head blocks mean fewer programs, which favours
-# narrower tiles.
-@triton.autotune(configs=_CONFIGS, key=["num_blocks", "d_dense", "block_size"])
+# narrower tiles. The precision and the bias change the compiled kernel, so each is tuned apart.
+@triton.autotune(configs=_CONFIGS, key=["num_blocks", "d_dense", "block_size", "INPUT_PRECISION", "WITH_BIAS"],
+                 prune_configs_by={"early_config_prune": _configs_that_fit})
 @triton.jit
 def _head_block_grad_kernel(
     head_ptr, dense_ptr, out_ptr, bias_ptr, blocks_ptr,

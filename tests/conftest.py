@@ -24,9 +24,32 @@ from transformers import (  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
+
+def _patch_interpreter_for_numpy_2_4() -> None:
+    """Triton < 3.7's interpreter turns a scalar kernel argument into a Python int with ``int()`` of
+    a one-element array, which NumPy >= 2.4 refuses (triton-lang/triton#9171, fixed in 3.7 by
+    squeezing first). The GPU image pairs Triton 3.6 with NumPy 2.5, so squeeze there too."""
+    import numpy as np
+
+    try:
+        int(np.zeros(1))
+    except TypeError:
+        from triton.runtime import interpreter
+
+        patch_tensor = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            patch_tensor(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+        interpreter._patch_lang_tensor = patched
+
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+if INTERPRET:
+    _patch_interpreter_for_numpy_2_4()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16 tl.dot is wrong in the CPU interpreter; needs CUDA")
 compiled_gpu = pytest.mark.skipif(not CUDA or INTERPRET, reason="needs CUDA and compiled Triton (TRITON_INTERPRET=0)")
 KERNEL_DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_cuda)]

@@ -4,7 +4,7 @@ and a plain per-example float64 computation.
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (conftest sets
 ``TRITON_INTERPRET=1``), so the shapes are tiny: T below and above the 64-token tile, rows with only
 1-3 valid tokens, large garbage in padded positions (must be masked, not read), d_h = 12 and 80,
-one head, strided context views. bf16 cases need CUDA. The GPU-only test compiles the kernels: run it
+one head, strided context views, fp32/fp16/bf16. The GPU-only test compiles the kernels: run it
 with ``TRITON_INTERPRET=0``.
 
 Tolerances: the Gram is accumulated in float64 from exact fp32->fp64 products, so it matches float64
@@ -19,7 +19,10 @@ import torch
 from hifi_fast import kernels, ops
 from reference import entropy_of
 
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES, compiled_gpu
+from conftest import DEVICE, compiled_gpu
+
+# The kernels widen every tile before tl.dot, so bf16 runs under the interpreter too.
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def _context(batch, tokens, heads, dim, valid, dtype, layout="bthd", seed=0):
@@ -57,6 +60,7 @@ CASES = {
     "two-token-tiles": ((2, 70, 2, 8), [70, 66], "bthd"),
     "one-head-d80-strided": ((2, 9, 1, 80), [9, 2], "bhtd"),
     "d16-strided-empty-row": ((3, 6, 4, 16), [6, 0, 3], "bhtd"),
+    "d136-wider-than-the-kernels": ((2, 5, 2, 136), [5, 2], "bthd"),  # the PyTorch op on the same device
 }
 
 
@@ -91,8 +95,8 @@ def test_bool_mask_and_entropy_precision_when_tokens_fewer_than_head_dim():
 
 
 @compiled_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [32, 64, 80, 96, 128])
 def test_gpu_realistic_shapes(dtype, dim):
     valid = [128, 77, 3, 1, 100, 128, 64, 65]
     ctx, mask = _context(len(valid), 128, 12, dim, valid, dtype)
