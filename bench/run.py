@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from hifi_fast.backends import available_backends
 
+from .setup_methods import check_model
+
 FIELDS = ["method", "backend", "mode", "metric", "x_name", "x_value", "p20", "p50", "p80", "device", "torch", "triton"]
 SUITES = {
     # model, batch, seq, timed steps per round, sweeps {x_name: values}
@@ -82,18 +84,22 @@ def train_rows(method, backend, x_name, x_value, spec, result, common) -> list[d
     return [dict(base, metric=m, p20=v[0], p50=v[1], p80=v[2]) for m, v in metrics.items()]
 
 
-def plan(suite: str, device: str) -> tuple[list[tuple], dict]:
+def plan(suite: str, device: str, methods: list[str] | None = None) -> tuple[list[tuple], dict]:
+    """The jobs of ``suite`` on ``device`` (only the ``methods`` labels given, default all) and the
+    default spec."""
     model, batch, seq, steps, sweeps = SUITES[suite][device]
     defaults = dict(model=model, device=device, dtype="float32", seed=0, batch_size=batch, seq_len=seq,
                     heads_per_layer=1, lora_r=8, warmup=3, steps=steps)
+    chosen = [m for m in METHODS if methods is None or label(*m) in methods]
     jobs = []
-    for method, options in METHODS:
+    for method, options in chosen:
         for backend in available_backends(device) if method == "hifi" else [""]:
             jobs.append((method, options, backend, "config", "default", {}))
     for x_name, values in sweeps.items():
-        methods = [("hifi", {})] if x_name == "heads_per_layer" else [m for m in METHODS if m[1].get("lora_r", 8) == 8]
+        swept = [m for m in chosen if m[0] == "hifi"] if x_name == "heads_per_layer" else \
+            [m for m in chosen if m[1].get("lora_r", 8) == 8]
         for value in values:
-            for method, options in methods:
+            for method, options in swept:
                 jobs.append((method, options, "torch" if method == "hifi" else "", x_name, value, {x_name: value}))
     return jobs, defaults
 
@@ -105,8 +111,11 @@ def summary_table(rows: list[dict]) -> str:
         r["p50"] for r in default if r["method"] == name and r["backend"] == backend and r["metric"] == metric
     )
     names = list(dict.fromkeys((r["method"], r["backend"]) for r in default))
-    frozen_tps, lora_tps = get("frozen", "", "tokens_per_s"), get("lora-r8", "", "tokens_per_s")
-    lora_mem = get("lora-r8", "", "train_mem_mb")
+    has = {name for name, _ in names}
+    frozen_tps = get("frozen", "", "tokens_per_s") if "frozen" in has else None
+    lora_tps = get("lora-r8", "", "tokens_per_s") if "lora-r8" in has else None
+    lora_mem = get("lora-r8", "", "train_mem_mb") if "lora-r8" in has else None
+    ratio = lambda a, b: f"{a / b:.2f}x" if b else "-"  # noqa: E731
     lines = [
         "| method | backend | step ms (p50) | tokens/s (p20-p80) | speed vs frozen | speed vs lora-r8 | train mem MiB | mem vs lora-r8 | trainable params | checkpoint MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -116,8 +125,8 @@ def summary_table(rows: list[dict]) -> str:
         mem = get(name, backend, "train_mem_mb")
         lines.append(
             f"| {name} | {backend or '-'} | {1000 * get(name, backend, 'step_time_s'):.1f} | "
-            f"{tps['p50']:.0f} ({tps['p20']:.0f}-{tps['p80']:.0f}) | {tps['p50'] / frozen_tps:.2f}x | "
-            f"{tps['p50'] / lora_tps:.2f}x | {mem:.0f} | {mem / lora_mem:.2f}x | "
+            f"{tps['p50']:.0f} ({tps['p20']:.0f}-{tps['p80']:.0f}) | {ratio(tps['p50'], frozen_tps)} | "
+            f"{ratio(tps['p50'], lora_tps)} | {mem:.0f} | {ratio(mem, lora_mem)} | "
             f"{get(name, backend, 'trainable_params'):,.0f} | {get(name, backend, 'checkpoint_mb'):.2f} |"
         )
     return "\n".join(lines)
@@ -159,20 +168,42 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model", help="override the suite's model (minilm, bert-base, llama-1b, tiny-bert)")
+    parser.add_argument("--model", help="override the suite's model: minilm, bert-base, llama-1b, tiny-bert, tiny-llama, "
+                                        "or a local Hugging Face directory (e.g. .whl/minilm-l6 from bench/gpu_pack.sh)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="precision of the model's weights (default: float32)")
+    parser.add_argument("--methods", help="comma-separated subset of " + ", ".join(label(*m) for m in METHODS)
+                        + " (default: all)")
     parser.add_argument("--steps", type=int, help="override the number of timed steps per round")
     parser.add_argument("--rounds", type=int, default=3,
                         help="rounds over the methods at the default configuration, interleaved so that drifts of "
                              "a shared machine spread over all methods alike (default: 3)")
-    parser.add_argument("--scoring-examples", type=int, default=256)
+    parser.add_argument("--scoring-examples", type=int, default=256,
+                        help="examples of the scoring-pass benchmark (default 256; any number >= 1)")
+    parser.add_argument("--no-naive-scoring", action="store_true",
+                        help="leave out the naive per-head svdvals loop of the scoring benchmark (slow on big models)")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device name>)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
-    jobs, defaults = plan(args.suite, args.device)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.scoring_examples < 1:
+        parser.error(f"--scoring-examples must be at least 1, got {args.scoring_examples}")
+    if args.model is not None:
+        try:
+            check_model(args.model)
+        except ValueError as err:
+            parser.error(f"--model: {err}")
+    labels = [label(*m) for m in METHODS]
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods is not None and (not methods or set(methods) - set(labels)):
+        parser.error(f"--methods: choose from {', '.join(labels)}; got {args.methods!r}")
+    jobs, defaults = plan(args.suite, args.device, methods)
     defaults.update({k: v for k, v in (("model", args.model), ("steps", args.steps)) if v is not None})
+    defaults["dtype"] = args.dtype
     name = device_name(args.device)
     out = args.out or Path(__file__).parent / "results" / name
     out.mkdir(parents=True, exist_ok=True)
@@ -196,7 +227,8 @@ def main(argv: list[str] | None = None) -> Path:
     rows: list[dict] = []
     for i, (method, options, backend, x_name, x_value, _) in enumerate(jobs):
         rows += train_rows(label(method, options), backend, x_name, x_value, specs[i], pool(results[i]), common)
-    scoring_spec = dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3)
+    scoring_spec = dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3,
+                        naive=not args.no_naive_scoring)
     scoring = run_worker(scoring_spec)
     for what, times in scoring.items():
         p = percentiles(times)
@@ -206,7 +238,8 @@ def main(argv: list[str] | None = None) -> Path:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    title = f"{defaults['model']}, batch {defaults['batch_size']} x {defaults['seq_len']} tokens, {name}"
+    title = (f"{defaults['model']} ({defaults['dtype']}), batch {defaults['batch_size']} x {defaults['seq_len']} tokens, "
+             f"{name}")
     scoring_lines = [
         f"- scoring pass over {args.scoring_examples} examples: {np.median(scoring['scoring']):.3f} s = "
         f"{np.median(scoring['scoring']) / np.median(scoring['forward']):.2f}x a plain forward over the same batches "

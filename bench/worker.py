@@ -49,7 +49,7 @@ def _checkpoint_bytes(model, method: str) -> int:
 def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     torch.manual_seed(spec["seed"])
-    model = build_model(spec["model"]).to(device=device, dtype=getattr(torch, spec["dtype"]))
+    model = build_model(spec["model"], device=device, dtype=getattr(torch, spec["dtype"]))
     batch = make_batch(model, spec["batch_size"], spec["seq_len"], spec["seed"], device)
     scoring = [{k: v for k, v in batch.items() if k != "labels"}] * 4
     # CPU: the baseline is the resident set before ``prepare``: memory a method's set-up leaves in the
@@ -127,7 +127,7 @@ def measure_scoring(spec: dict) -> dict:
     import hifi_fast
 
     device = torch.device(spec["device"])
-    model = build_model(spec["model"]).to(device=device, dtype=getattr(torch, spec["dtype"])).eval()
+    model = build_model(spec["model"], device=device, dtype=getattr(torch, spec["dtype"])).eval()
     count = -(-spec["num_examples"] // spec["batch_size"])  # whole batches covering num_examples
     batches = [
         {k: v for k, v in make_batch(model, spec["batch_size"], spec["seq_len"], i, device).items() if k != "labels"}
