@@ -4,14 +4,15 @@
     python -m hifi_fast.kernels.compile_check --targets native     # the GPU of this machine
     python -m hifi_fast.kernels.compile_check --json r.json --markdown r.md
 
-The gate runs the real launchers (``head_grams``, ``head_rows_grad``, ``head_cols_grad``) on
-tensors of representative model shapes (``MODELS``) in every dtype they accept. For a target that
-is not here, they run under a stand-in Triton driver (``TargetDriver``) that reports the target's
-compute capability and shared-memory limit and launches nothing: Triton compiles exactly what the
-launchers would build on that GPU (their block sizes, Triton's argument specialisation, every
-autotune config that survives pruning) through its own pipeline, down to a cubin with its bundled
-``ptxas``. Every compiled kernel is reported with its shared memory against the device's limit and
-its registers and spills (``ptxas -v``).
+The gate runs the real launchers (``head_grams``, ``head_rows_grad``, ``head_cols_grad``) on CPU
+tensors of representative model shapes (``MODELS``) in every dtype they accept, under a stand-in
+Triton driver (``TargetDriver``) that reports a GPU's compute capability and shared-memory limit
+and launches nothing: Triton compiles exactly what the launchers would build on that GPU (their
+block sizes, Triton's argument specialisation, every autotune config that survives pruning)
+through its own pipeline, down to a cubin with its bundled ``ptxas``. ``native`` takes the
+architecture and the shared-memory limit from this machine's GPU (and checks that the limit
+this module assumes for it is right). Every compiled kernel is reported with its shared memory
+against the device's limit, its registers and its spills.
 
 Exit status 1 on: a compile error; a kernel reaching launch (or an autotune benchmark) with more
 shared memory than the device has, i.e. a config that pruning should have dropped; register spills
@@ -28,6 +29,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 # Shared memory per block (opt-in maximum, bytes) of the targets the gate compiles for.
@@ -104,34 +106,44 @@ class Compiled:
 class Report:
     launches: list[Launch] = field(default_factory=list)
     compiled: list[Compiled] = field(default_factory=list)
-    unpruned: list[str] = field(default_factory=list)  # configs that reached an autotune benchmark without fitting
+    problems: list[str] = field(default_factory=list)  # e.g. a config benchmarked without fitting
 
     def failures(self) -> list[str]:
         out = [f"{l.target} {l.op} {l.model} {l.precision} {l.shape}: {l.error}" for l in self.launches if not l.ok]
         out += [f"{c.target} {c.kernel} {c.dtype} {c.constants}: launched with {c.shared} B of shared memory "
                 f"> {c.shared_limit}" for c in self.compiled if c.launched and not c.fits]
-        out += self.unpruned
+        out += self.problems
         out += [f"{c.target} {c.kernel} {c.dtype} {c.constants} warps={c.num_warps}: {c.spill_bytes} B of register spills"
                 for c in self.compiled if c.kernel in NO_SPILL_KERNELS and c.spill_bytes > 0]
         return out
 
 
-def parse_target(text: str) -> int:
+def resolve_target(text: str) -> tuple[str, int, int]:
+    """``(name, arch, shared-memory limit)`` of ``cuda:NN``, or of this machine's GPU for ``native``."""
+    if text == "native":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("target 'native': no CUDA device here")
+        props = torch.cuda.get_device_properties(0)
+        arch = 10 * props.major + props.minor
+        return f"cuda:{arch}", arch, props.shared_memory_per_block_optin
     match = re.fullmatch(r"cuda:(\d+)", text)
     if not match or int(match.group(1)) not in SHARED_MEMORY_LIMIT:
         raise ValueError(f"target {text!r}: expected one of {', '.join(f'cuda:{a}' for a in SHARED_MEMORY_LIMIT)} or native")
-    return int(match.group(1))
+    arch = int(match.group(1))
+    return text, arch, SHARED_MEMORY_LIMIT[arch]
 
 
-def _install_target_driver(arch: int, report: Report):
-    """Make Triton compile for ``cuda:<arch>`` and launch nothing (the stand-in driver)."""
+def _install_target_driver(arch: int, limit: int, report: Report) -> set[str]:
+    """Make Triton compile for ``cuda:<arch>`` (``limit`` bytes of shared memory per block) and
+    launch nothing; returns the set that will hold the hashes of the kernels "launched"."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.driver import DriverBase
     from triton.backends.nvidia.driver import ty_to_cpp
     from triton.runtime import driver as triton_driver
     from triton.runtime.errors import OutOfResources
 
-    limit = SHARED_MEMORY_LIMIT[arch]
     launched: set[str] = set()
 
     class Launcher:
@@ -182,7 +194,7 @@ def _install_target_driver(arch: int, report: Report):
                 try:
                     kernel_call()
                 except OutOfResources as err:
-                    report.unpruned.append(f"cuda:{arch}: an autotune config reached its benchmark without fitting ({err})")
+                    report.problems.append(f"cuda:{arch}: an autotune config reached its benchmark without fitting ({err})")
                     raise
                 return [1.0, 1.0, 1.0] if quantiles else 1.0
 
@@ -192,7 +204,7 @@ def _install_target_driver(arch: int, report: Report):
     return launched
 
 
-def _workloads(model: Model, precision: str, device: str):
+def _workloads(model: Model, precision: str):
     """``(op, shape description, call)`` for every launch this model makes in ``precision``: the
     scoring statistics, the row gradients of Q, all query heads and GQA's K/V (or the fused QKV),
     the column gradients of O for two heads and for one."""
@@ -201,10 +213,10 @@ def _workloads(model: Model, precision: str, device: str):
     from . import head_cols_grad, head_grams, head_rows_grad
 
     dtype, n = getattr(torch, precision.split("-")[0]), BATCH * TOKENS
-    empty = lambda *shape: torch.empty(*shape, device=device, dtype=dtype)  # noqa: E731
+    empty = lambda *shape: torch.empty(*shape, dtype=dtype)  # noqa: E731
     d, heads, kv = model.head_dim, model.heads, model.kv_heads
-    blocks = lambda heads_: torch.tensor([h * d for h in heads_], device=device)  # noqa: E731
-    mask = torch.ones(BATCH, TOKENS, dtype=torch.long, device=device)
+    blocks = lambda heads_: torch.tensor([h * d for h in heads_])  # noqa: E731
+    mask = torch.ones(BATCH, TOKENS, dtype=torch.long)
     mask[1, TOKENS // 3:] = 0
     two = [1, heads - 1]
     kv_two = sorted({h * kv // heads for h in two})
@@ -255,13 +267,9 @@ def _register_usage(kernel, arch: int) -> tuple[int, int]:
     return registers, sum(int(b) for b in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
 
 
-def _collect(report: Report, kernels: dict, arch: int, target: str, device, launched: set[str] | None) -> None:
-    """Add every compiled variant of ``kernels`` on ``device`` to ``report`` (``launched``: the
-    hashes the stand-in driver launched; ``None`` on a real GPU, where everything compiled ran)."""
-    from triton.runtime.driver import driver as triton_driver
-
-    limit = triton_driver.active.utils.get_device_properties(device)["max_shared_mem"]
-    variants = [(name, fn, kernel) for name, fn in kernels.items() for kernel in fn.device_caches[device][0].values()]
+def _collect(report: Report, kernels: dict, target: str, arch: int, limit: int, launched: set[str]) -> None:
+    """Add every compiled variant of ``kernels`` for ``cuda:<arch>`` to ``report``."""
+    variants = [(name, fn, kernel) for name, fn in kernels.items() for kernel in fn.device_caches[arch][0].values()]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # the tools run outside the GIL
         usage = list(pool.map(lambda v: _register_usage(v[2], arch), variants))
     for (name, fn, kernel), (registers, spills) in zip(variants, usage):
@@ -271,43 +279,47 @@ def _collect(report: Report, kernels: dict, arch: int, target: str, device, laun
         pointer = next(t for t in kernel.src.signature.values() if str(t).startswith("*"))
         report.compiled.append(Compiled(
             name, target, str(pointer).lstrip("*"), shown, meta.num_warps, meta.num_stages, meta.shared, limit,
-            registers, spills, launched=launched is None or meta.hash in launched,
+            registers, spills, launched=meta.hash in launched,
         ))
 
 
 def run_launches(target: str, launches, kernels: dict) -> Report:
     """Make every call of ``launches`` (``(op, model, precision, shape, call)``) for ``target``
-    (``cuda:NN``, or ``native`` for this machine's GPU) and report the variants of ``kernels``
+    (``cuda:NN`` or ``native``) under the stand-in driver and report the variants of ``kernels``
     (name -> ``JITFunction``) that they compiled."""
     import torch
-    from triton.runtime.driver import driver as triton_driver
 
+    name, arch, limit = resolve_target(target)
     report = Report()
-    if target == "native":
-        major, minor = torch.cuda.get_device_capability()
-        arch, launched = 10 * major + minor, None
-    else:
-        arch = parse_target(target)
-        launched = _install_target_driver(arch, report)
+    from .sparse_head_grad import _head_block_grad_kernel
+
+    # A worker process runs several jobs: start from no tuned configs and no in-memory kernels, so
+    # this report holds exactly what these launches compile (Triton's disk cache keeps it cheap).
+    _head_block_grad_kernel.cache.clear()
+    for fn in kernels.values():
+        fn.device_caches.pop(arch, None)
+    if target == "native" and SHARED_MEMORY_LIMIT.get(arch, limit) != limit:
+        report.problems.append(f"{name}: this GPU has {limit} B of shared memory per block, the gate assumes "
+                               f"{SHARED_MEMORY_LIMIT[arch]} B for it (SHARED_MEMORY_LIMIT is wrong)")
+    launched = _install_target_driver(arch, limit, report)
     for op, model, precision, shape, call in launches:
         torch.backends.cuda.matmul.allow_tf32 = precision.endswith("tf32")
-        launch = Launch(op, model, precision, shape, target)
+        launch = Launch(op, model, precision, shape, name)
         try:
             call()
         except Exception as err:  # noqa: BLE001 - every failure is reported, the gate goes on
             launch.ok, launch.error = False, f"{type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
         report.launches.append(launch)
     torch.backends.cuda.matmul.allow_tf32 = False
-    _collect(report, kernels, arch, target, triton_driver.active.get_current_device(), launched)
+    _collect(report, kernels, name, arch, limit, launched)
     return report
 
 
 def check_target(target: str, models: tuple[str, ...] = tuple(MODELS), precisions: tuple[str, ...] = PRECISIONS) -> Report:
     """Every launch of hifi_fast's kernels for ``models`` x ``precisions`` on ``target``."""
-    device = "cuda" if target == "native" else "cpu"
     launches = [(op, name, precision, shape, call)
                 for precision in precisions for name in models
-                for op, shape, call in _workloads(MODELS[name], precision, device)
+                for op, shape, call in _workloads(MODELS[name], precision)
                 if not (op == "head_grams" and precision.endswith("tf32"))]  # the scoring kernels never use TF32
     return run_launches(target, launches, _kernels())
 
@@ -361,19 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model or precision {', '.join(unknown)}")
     for target in targets:
-        if target != "native":
-            try:
-                parse_target(target)
-            except ValueError as err:
-                parser.error(str(err))
+        try:
+            resolve_target(target)
+        except ValueError as err:
+            parser.error(str(err))
     if not _compiled_mode():  # the kernels were defined for the interpreter: start again without it
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         return subprocess.run([sys.executable, "-m", "hifi_fast.kernels.compile_check", *(argv or sys.argv[1:])],
                               env=env).returncode
-    with ProcessPoolExecutor(max_workers=min(len(targets), os.cpu_count() or 1)) as pool:
-        reports = list(pool.map(check_target, targets, [models] * len(targets), [precisions] * len(targets)))
+    # One process per target and precision (compiles are serial within a process); spawned, since a
+    # parent that queried its GPU must not fork.
+    jobs = [(target, models, (precision,)) for target in targets for precision in precisions]
+    with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1), mp_context=get_context("spawn")) as pool:
+        reports = list(pool.map(check_target, *zip(*jobs)))
     report = Report([l for r in reports for l in r.launches], [c for r in reports for c in r.compiled],
-                    [u for r in reports for u in r.unpruned])
+                    [p for r in reports for p in r.problems])
     text = markdown(report)
     if args.markdown:
         args.markdown.write_text(text)
