@@ -83,11 +83,13 @@ def test_head_grams(dtype, case):
     torch.testing.assert_close(cross, ref_cross, rtol=1e-5, atol=atol)
 
 
-def test_bool_mask_and_entropy_precision_when_tokens_fewer_than_head_dim():
-    # MiniLM-like: sentences shorter than d_h, singular values spread over 3 decades.
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bool_mask_and_entropy_precision_when_tokens_fewer_than_head_dim(dtype):
+    # MiniLM-like: sentences shorter than d_h (rank-deficient Grams), singular values spread over
+    # 3 decades; in 16 bits too, where the reference is the SVD of the same 16-bit values.
     valid = [7, 3, 5, 2]
     ctx, mask = _context(4, 7, 2, 32, valid, torch.float32, seed=3)
-    ctx = ctx * torch.logspace(0, -3, 32, device=DEVICE)
+    ctx = (ctx * torch.logspace(0, -3, 32, device=DEVICE)).to(dtype)
     entropy = ops.entropy_from_grams(kernels.head_grams(ctx, mask.bool())[0])
     for b, n in enumerate(valid):
         for h in range(2):
