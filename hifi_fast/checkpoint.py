@@ -2,10 +2,14 @@
 
 ``load`` checks everything (format, architecture, sizes, dtype, base weights) before it touches the
 model, so a refused checkpoint leaves the model as it was. ``save`` writes each file under a temporary
-name and renames it, so an interrupted save never leaves a half-written checkpoint behind.
+name and renames it, weights first; the config, renamed last, records the weights file's SHA-256.
+So a save killed at any point leaves the old checkpoint, the new one, or (killed between the two
+renames) a new weights file beside the old config, which ``load`` refuses by its hash: never a
+silent mix of two saves.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 from torch import nn
 
 from .adapters import attention_layers, get_adapter
@@ -50,10 +54,13 @@ def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -81,8 +88,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
         "master_dtype": None if state.master_dtype is None else str(state.master_dtype).replace("torch.", ""),
         "selection": state.selection.to_dict(),
     }
-    tensors = {name: t.cpu() for name, t in _trainable_tensors(model).items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    weights = serialize({name: t.cpu() for name, t in _trainable_tensors(model).items()}, metadata={"format": "pt"})
+    config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory
 
@@ -117,9 +125,27 @@ def _check_identity(model: nn.Module, config: dict, check_name: bool) -> None:
         )
 
 
-def _read_weights(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _check_weights_hash(path: Path, config: dict) -> None:
+    """Refuse a weights file that is not the one the config was saved with (checkpoints written
+    before the hash was recorded have none and are not checked)."""
+    want = config.get("weights_sha256")
+    if want is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    if digest.hexdigest() != want:
+        raise CheckpointMismatchError(
+            f"{path} is not the weights file {path.parent / CONFIG_NAME} was saved with (SHA-256 differs): the two "
+            "come from different saves, e.g. a save interrupted between writing them; save the model again"
+        )
+
+
+def _read_weights(path: Path, expected: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
+    _check_weights_hash(path, config)
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = set(handle.keys())
@@ -154,7 +180,7 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
     patch(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
     expected = _trainable_tensors(model)
     try:
-        tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected)
+        tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected, config)
     except BaseException:
         unpatch(model)
         raise

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,11 @@ def test_load_refuses_other_base_models(checkpoint):
 def test_load_refuses_damaged_checkpoints(checkpoint):
     weights = (checkpoint / WEIGHTS_NAME).read_bytes()
     (checkpoint / WEIGHTS_NAME).write_bytes(weights[: len(weights) // 2])
+    _refused(tiny_model("bert"), checkpoint, "hifi_weights.safetensors is not the weights file .*hifi_config.json "
+             r"was saved with \(SHA-256 differs\)")
+    config = json.loads((checkpoint / CONFIG_NAME).read_text())
+    del config["weights_sha256"]  # a checkpoint saved before the hash was recorded
+    (checkpoint / CONFIG_NAME).write_text(json.dumps(config))
     _refused(tiny_model("bert"), checkpoint, "hifi_weights.safetensors is not a readable safetensors file")
     (checkpoint / WEIGHTS_NAME).unlink()
     _refused(tiny_model("bert"), checkpoint, "hifi_weights.safetensors is missing", FileNotFoundError)
@@ -215,12 +221,15 @@ def test_save_and_load_refuse_the_wrong_model_state(checkpoint):
 def test_interrupted_save_leaves_the_existing_checkpoint_intact(checkpoint, monkeypatch):
     import hifi_fast.checkpoint as ckpt
 
-    def broken_save_file(tensors, path, metadata=None):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
-        raise OSError("disk full")
+    def broken_atomic_write(path, write):
+        def half_then_full_disk(tmp):
+            Path(tmp).write_bytes(b"half a file")
+            raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "save_file", broken_save_file)
+        return atomic_write(path, half_then_full_disk)
+
+    atomic_write = ckpt._atomic_write
+    monkeypatch.setattr(ckpt, "_atomic_write", broken_atomic_write)
     model = trained_model("bert", SELECTION, seed=0)
     with unchanged(model, checkpoint), pytest.raises(OSError, match="disk full"):
         hifi_fast.save(model, checkpoint)
