@@ -8,6 +8,7 @@
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError
 from .checkpoint import load, save
 from .config import HiFiConfig
+from .guard import NonFiniteGuard, NonFiniteStepError
 from .patching import count_parameters, is_patched, patch, print_trainable_parameters, unpatch
 from .scores import HeadScores
 from .scoring import score_heads
@@ -16,7 +17,8 @@ from .selection import HeadSelection, select_heads
 __version__ = "0.1.0"
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "HeadScores", "HeadSelection", "HiFiConfig", "UnsupportedModelError",
+    "SUPPORTED_MODEL_TYPES", "HeadScores", "HeadSelection", "HiFiConfig", "NonFiniteGuard", "NonFiniteStepError",
+    "UnsupportedModelError",
     "count_parameters", "is_patched", "load", "patch", "print_trainable_parameters", "save",
     "score_heads", "select_heads", "unpatch",
 ]

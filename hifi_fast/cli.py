@@ -84,6 +84,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--warmup-ratio", type=float, default=0.06, help="share of steps warming up (default: 0.06)")
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     train.add_argument("--seed", type=int, default=0, help="seed of split, subsets, init and order (default: 0)")
+    train.add_argument("--max-consecutive-skips", type=int, default=5, metavar="N",
+                       help="a step with a non-finite loss or gradient is skipped (weights untouched, logged); "
+                       "N such steps in a row stop the run (default: 5)")
     train.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: the cores not already busy by the 1-minute load "
@@ -290,7 +293,7 @@ def _default_output_dir(prefix: str) -> Path:
 
 
 def _check_args(args) -> None:
-    for name in ("epochs", "batch_size", "heads_per_layer", "scoring_examples", "lora_r"):
+    for name in ("epochs", "batch_size", "heads_per_layer", "scoring_examples", "lora_r", "max_consecutive_skips"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -426,7 +429,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     result = train_model(
         model, train_data, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
-        progress=progress, desc=f"training ({method})",
+        max_consecutive_skips=args.max_consecutive_skips, progress=progress, desc=f"training ({method})",
     )
     metrics = evaluate(model, eval_data, len(splits.label_names), splits.label_names,
                        batch_size=max(args.batch_size, 64), progress=progress)
@@ -472,6 +475,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
         "eval_time_s": metrics["eval_time_s"],
         "tokens_per_s": result.tokens_per_s,
         "steps": result.steps,
+        "skipped_steps": result.skipped_steps,
         "epochs": result.epochs,
         "lr": lr,
         "final_train_loss": result.final_loss,

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Encoded, iter_batches, num_batches
+from .guard import NonFiniteGuard
 
 
 def set_seed(seed: int) -> None:
@@ -105,6 +106,7 @@ class TrainResult:
     final_loss: float
     epoch_losses: list[float] = field(default_factory=list)
     peak_memory_mb: float = 0.0
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -132,10 +134,15 @@ def train_model(
     weight_decay: float = 0.0,
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
+    max_consecutive_skips: int = 5,
     progress: bool = True,
     desc: str = "training",
 ) -> TrainResult:
-    """Train ``model`` in place on ``data`` (labels required) and return timing and loss figures."""
+    """Train ``model`` in place on ``data`` (labels required) and return timing and loss figures.
+
+    A step whose loss or gradient is not finite is skipped (weights untouched, counted in
+    ``skipped_steps``, logged); ``max_consecutive_skips`` in a row stop the run with
+    ``NonFiniteStepError`` naming the epoch, batch and step."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if data.labels is None:
@@ -143,6 +150,7 @@ def train_model(
     device = next(model.parameters()).device
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    guard = NonFiniteGuard(params, max_consecutive=max_consecutive_skips)
     per_epoch = num_batches(data, batch_size)
     total = per_epoch * epochs
     scheduler = linear_schedule_with_warmup(optimizer, int(math.ceil(warmup_ratio * total)), total)
@@ -154,34 +162,33 @@ def train_model(
     with memory, tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
         for epoch in range(epochs):
             loss_sum, loss_n = 0.0, 0
-            for batch in iter_batches(data, batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            for index, batch in enumerate(iter_batches(data, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
                 batch = _to_device(batch, device)
                 loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {steps} (try a lower --lr)")
                 loss.backward()
-                if max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None else None
+                where = f"epoch {epoch + 1}, batch {index + 1} (step {steps + 1})"
+                if guard.step(optimizer, loss, grad_norm=norm, where=where):
+                    scheduler.step()
+                    value = loss.item()
+                    loss_sum += value * len(batch["labels"])
+                    loss_n += len(batch["labels"])
+                    smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
                 optimizer.zero_grad(set_to_none=True)
-                value = loss.item()
-                loss_sum += value * len(batch["labels"])
-                loss_n += len(batch["labels"])
-                smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
                 steps += 1
                 tokens += int(batch["attention_mask"].sum())
                 elapsed = time.perf_counter() - start
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{smoothed:.4f}", tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}", refresh=False)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{smoothed if smoothed is not None else float('nan'):.4f}",
+                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                skipped=guard.skipped, refresh=False)
             epoch_losses.append(loss_sum / max(loss_n, 1))
     elapsed = time.perf_counter() - start
     model.eval()
     return TrainResult(
         steps=steps, epochs=epochs, train_time_s=elapsed, tokens=tokens,
         tokens_per_s=tokens / max(elapsed, 1e-9), final_loss=epoch_losses[-1], epoch_losses=epoch_losses,
-        peak_memory_mb=memory.peak_mb,
+        peak_memory_mb=memory.peak_mb, skipped_steps=guard.skipped,
     )
 
 
