@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,7 @@ from safetensors.torch import save as serialize
 from torch import nn
 
 from .adapters import attention_layers, get_adapter
+from .files import atomic_write
 from .modules import whole_tensor
 from .patching import STATE_ATTR, is_patched, patch, unpatch, weights_fingerprint
 from .selection import HeadSelection
@@ -53,20 +53,6 @@ def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: whole_tensor(p).detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     """Save the patched model's compact slices and task head (not the base model) to ``directory``.
 
@@ -90,8 +76,8 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     }
     weights = serialize({name: t.cpu() for name, t in _trainable_tensors(model).items()}, metadata={"format": "pt"})
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
     return directory
 
 

@@ -42,6 +42,7 @@ METHODS = ("hifi", "lora", "full", "frozen")
 DEFAULT_LR = {"hifi": 1e-3, "lora": 1e-3, "full": 5e-5, "frozen": 2e-3}
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.json"
+SELECTION = "selection.json"
 FROZEN_WEIGHTS = "head_weights.safetensors"
 SUBCOMMANDS = ("finetune", "compare", "predict")
 
@@ -110,6 +111,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output-dir", default=None, metavar="DIR",
                      help="run directory (default: runs/<method>-<timestamp>)")
     out.add_argument("--no-save", action="store_true", help="write metrics and figures only, no weights")
+    out.add_argument("--save-every", type=int, default=0, metavar="N",
+                     help="save the whole training state every N steps (atomically), so that an interrupted "
+                     "run can continue with 'finetune --resume RUN_DIR' (default: 0, off)")
     out.add_argument("--quiet", action="store_true", help="no progress bars; print one summary line")
 
 
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--method", default="hifi", choices=METHODS,
                           help="hifi (default), lora (peft, r=8 on query/value), full fine-tuning, or frozen "
                           "(classifier only)")
+    finetune.add_argument("--resume", default=None, metavar="RUN_DIR",
+                          help="continue an interrupted run (saved with --save-every) from its last saved step, "
+                          "with its own settings; ends as the uninterrupted run would have")
     _add_common(finetune)
 
     compare = sub.add_parser("compare", help="run hifi, lora, full and frozen on the same data and seed",
@@ -305,6 +312,26 @@ def _check_args(args) -> None:
         raise CLIError(f"--lr must be > 0, got {args.lr}")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    if args.save_every < 0:
+        raise CLIError(f"--save-every must be >= 0, got {args.save_every}")
+
+
+def _resumed_args(args) -> argparse.Namespace:
+    """The settings of the interrupted run in ``args.resume``, with this call's --quiet, --threads
+    and --device; refuses a directory that is no run, has no saved state, or has finished."""
+    from hifi_fast.training_state import STATE_NAME
+
+    run_dir = Path(args.resume)
+    if not (run_dir / RUN_CONFIG).is_file():
+        raise CLIError(f"--resume {run_dir}: no {RUN_CONFIG} there, so it is not a hifi-fast run directory")
+    if (run_dir / METRICS).is_file():
+        raise CLIError(f"--resume {run_dir}: that run has finished ({METRICS} is there)")
+    if not (run_dir / STATE_NAME).is_file():
+        raise CLIError(f"--resume {run_dir}: no saved training state ({STATE_NAME}); a run saves one every N "
+                       "steps when started with --save-every N")
+    saved = json.loads((run_dir / RUN_CONFIG).read_text())["args"]
+    ours = {k: getattr(args, k) for k in ("resume", "quiet", "threads", "device")}
+    return argparse.Namespace(**{**saved, **ours, "output_dir": str(run_dir)})
 
 
 # ------------------------------------------------------------------------------------------ methods
@@ -316,6 +343,11 @@ def _setup_method(model, method: str, args, train_data, console: Console, progre
     from hifi_fast.data import iter_batches
 
     info: dict = {}
+    if method == "hifi" and args.resume:  # the heads the interrupted run selected
+        selection = hifi_fast.HeadSelection.from_json((Path(args.resume) / SELECTION).read_text())
+        hifi_fast.patch(model, selection)
+        config = json.loads((Path(args.resume) / RUN_CONFIG).read_text())["hifi_config"]
+        return {"selection": selection, "hifi_config": config, "scoring_time_s": 0.0}
     if method == "hifi":
         config = hifi_fast.HiFiConfig(
             heads_per_layer=args.heads_per_layer, score=args.score, selection=args.selection,
@@ -382,6 +414,30 @@ def _load_splits(args):
     )
 
 
+def _run_config(args, method: str, model_path: str, splits, lr: float, info: dict) -> dict:
+    """What ``run_config.json`` records: the settings (all of ``args``), data, model and versions."""
+    import torch
+
+    import hifi_fast
+
+    run_config = {
+        "command": "finetune",
+        "method": method,
+        "base_model_name_or_path": model_path,
+        "label_names": splits.label_names,
+        "max_length": args.max_length,
+        "init_seed": args.seed,
+        "lr": lr,
+        "data": splits.description,
+        "args": {k: v for k, v in vars(args).items() if k not in ("func", "resume")},
+        "hifi_fast_version": hifi_fast.__version__,
+        "torch_version": torch.__version__,
+    }
+    if "hifi_config" in info:
+        run_config["hifi_config"] = info["hifi_config"]
+    return run_config
+
+
 def run_finetune(args, method: str | None = None, output_dir: Path | None = None) -> dict:
     """The whole job for one method; returns the metrics written to ``metrics.json``."""
     import torch
@@ -390,6 +446,10 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     from hifi_fast.data import encode
     from hifi_fast.train import evaluate, process_peak_rss_mb, set_seed, train_model
 
+    if getattr(args, "resume", None):
+        args = _resumed_args(args)
+    else:
+        args.resume = None
     method = method or args.method
     _check_args(args)
     console = Console(args.quiet)
@@ -425,11 +485,19 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     console.info(f"method {method}: trainable params {trainable:,} of {total_params:,} "
                  f"({100 * trainable / total_params:.3f}%), lr {lr:g}, {args.epochs} epoch(s)")
 
+    # Written before training, so that an interrupted run can be resumed with its own settings.
+    _write_json(run_dir / RUN_CONFIG, _run_config(args, method, model_path, splits, lr, info))
+    if selection is not None:
+        (run_dir / SELECTION).write_text(selection.to_json(indent=2) + "\n")
+
     set_seed(args.seed)
+    if args.resume:
+        console.info(f"resuming {run_dir} from its last saved step")
     result = train_model(
         model, train_data, epochs=args.epochs, lr=lr, batch_size=args.batch_size,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, seed=args.seed,
-        max_consecutive_skips=args.max_consecutive_skips, progress=progress, desc=f"training ({method})",
+        max_consecutive_skips=args.max_consecutive_skips, state_dir=run_dir, save_every=args.save_every,
+        resume=bool(args.resume), progress=progress, desc=f"training ({method})",
     )
     metrics = evaluate(model, eval_data, len(splits.label_names), splits.label_names,
                        batch_size=max(args.batch_size, 64), progress=progress)
@@ -437,25 +505,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     checkpoint_files: list[Path] = []
     if not args.no_save:
         checkpoint_files = _save_method(model, method, run_dir, tokenizer)
-    run_config = {
-        "command": "finetune",
-        "method": method,
-        "base_model_name_or_path": model_path,
-        "label_names": splits.label_names,
-        "max_length": args.max_length,
-        "init_seed": args.seed,
-        "lr": lr,
-        "data": splits.description,
-        "args": {k: v for k, v in vars(args).items() if k not in ("func",)},
-        "hifi_fast_version": hifi_fast.__version__,
-        "torch_version": torch.__version__,
-    }
-    if "hifi_config" in info:
-        run_config["hifi_config"] = info["hifi_config"]
-    _write_json(run_dir / RUN_CONFIG, run_config)
-
     if selection is not None:
-        (run_dir / "selection.json").write_text(selection.to_json(indent=2) + "\n")
         from hifi_fast.plots import plot_heads
 
         plot_heads(selection.scores, selection.heads, run_dir / "heads.png",

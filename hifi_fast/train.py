@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .data import Encoded, iter_batches, num_batches
 from .guard import NonFiniteGuard
+from .training_state import LoopPosition, load_state, save_state
 
 
 def set_seed(seed: int) -> None:
@@ -135,6 +137,9 @@ def train_model(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     max_consecutive_skips: int = 5,
+    state_dir: Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
     progress: bool = True,
     desc: str = "training",
 ) -> TrainResult:
@@ -142,11 +147,15 @@ def train_model(
 
     A step whose loss or gradient is not finite is skipped (weights untouched, counted in
     ``skipped_steps``, logged); ``max_consecutive_skips`` in a row stop the run with
-    ``NonFiniteStepError`` naming the epoch, batch and step."""
+    ``NonFiniteStepError`` naming the epoch, batch and step. Every ``save_every`` steps the whole
+    loop state goes to ``state_dir`` (``training_state.save_state``); ``resume`` continues from it
+    exactly where it was saved (same model set-up, data and settings)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if data.labels is None:
         raise ValueError("training data has no labels")
+    if (save_every or resume) and state_dir is None:
+        raise ValueError("save_every and resume need a state_dir")
     device = next(model.parameters()).device
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -154,40 +163,46 @@ def train_model(
     per_epoch = num_batches(data, batch_size)
     total = per_epoch * epochs
     scheduler = linear_schedule_with_warmup(optimizer, int(math.ceil(warmup_ratio * total)), total)
+    at = load_state(state_dir, model, optimizer, scheduler) if resume else LoopPosition()
+    guard.skipped, guard.consecutive = at.skipped, at.consecutive_skips
     model.train()
-    steps, tokens, epoch_losses = 0, 0, []
-    smoothed = None
     memory = PeakMemory(device)
-    start = time.perf_counter()
-    with memory, tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True) as bar:
-        for epoch in range(epochs):
-            loss_sum, loss_n = 0.0, 0
+    start = time.perf_counter() - at.train_time_s
+    with memory, tqdm(total=total, initial=at.steps, desc=desc, unit="step", disable=not progress,
+                      dynamic_ncols=True) as bar:
+        for epoch in range(at.epoch, epochs):
             for index, batch in enumerate(iter_batches(data, batch_size, shuffle=True, seed=seed * 1000 + epoch)):
+                if epoch == at.epoch and index < at.batch:
+                    continue  # trained before the run was interrupted
                 batch = _to_device(batch, device)
                 loss = model(**batch).loss
                 loss.backward()
                 norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None else None
-                where = f"epoch {epoch + 1}, batch {index + 1} (step {steps + 1})"
+                where = f"epoch {epoch + 1}, batch {index + 1} (step {at.steps + 1})"
                 if guard.step(optimizer, loss, grad_norm=norm, where=where):
                     scheduler.step()
                     value = loss.item()
-                    loss_sum += value * len(batch["labels"])
-                    loss_n += len(batch["labels"])
-                    smoothed = value if smoothed is None else 0.9 * smoothed + 0.1 * value
+                    at.loss_sum += value * len(batch["labels"])
+                    at.loss_n += len(batch["labels"])
+                    at.smoothed = value if at.smoothed is None else 0.9 * at.smoothed + 0.1 * value
                 optimizer.zero_grad(set_to_none=True)
-                steps += 1
-                tokens += int(batch["attention_mask"].sum())
+                at.epoch, at.batch, at.steps = epoch, index + 1, at.steps + 1
+                at.tokens += int(batch["attention_mask"].sum())
                 elapsed = time.perf_counter() - start
+                if save_every and at.steps % save_every == 0:
+                    at.skipped, at.consecutive_skips, at.train_time_s = guard.skipped, guard.consecutive, elapsed
+                    save_state(state_dir, model, optimizer, scheduler, at)
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{smoothed if smoothed is not None else float('nan'):.4f}",
-                                tok_s=f"{tokens / max(elapsed, 1e-9):,.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
-                                skipped=guard.skipped, refresh=False)
-            epoch_losses.append(loss_sum / max(loss_n, 1))
+                smoothed = f"{at.smoothed:.4f}" if at.smoothed is not None else "-"
+                bar.set_postfix(epoch=epoch + 1, loss=smoothed, tok_s=f"{at.tokens / max(elapsed, 1e-9):,.0f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}", skipped=guard.skipped, refresh=False)
+            at.epoch_losses.append(at.loss_sum / max(at.loss_n, 1))
+            at.epoch, at.batch, at.loss_sum, at.loss_n = epoch + 1, 0, 0.0, 0
     elapsed = time.perf_counter() - start
     model.eval()
     return TrainResult(
-        steps=steps, epochs=epochs, train_time_s=elapsed, tokens=tokens,
-        tokens_per_s=tokens / max(elapsed, 1e-9), final_loss=epoch_losses[-1], epoch_losses=epoch_losses,
+        steps=at.steps, epochs=epochs, train_time_s=elapsed, tokens=at.tokens,
+        tokens_per_s=at.tokens / max(elapsed, 1e-9), final_loss=at.epoch_losses[-1], epoch_losses=at.epoch_losses,
         peak_memory_mb=memory.peak_mb, skipped_steps=guard.skipped,
     )
 

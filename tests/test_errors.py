@@ -228,8 +228,8 @@ def test_interrupted_save_leaves_the_existing_checkpoint_intact(checkpoint, monk
 
         return atomic_write(path, half_then_full_disk)
 
-    atomic_write = ckpt._atomic_write
-    monkeypatch.setattr(ckpt, "_atomic_write", broken_atomic_write)
+    atomic_write = ckpt.atomic_write
+    monkeypatch.setattr(ckpt, "atomic_write", broken_atomic_write)
     model = trained_model("bert", SELECTION, seed=0)
     with unchanged(model, checkpoint), pytest.raises(OSError, match="disk full"):
         hifi_fast.save(model, checkpoint)

@@ -1,0 +1,77 @@
+"""Faults: ``hifi-fast finetune --save-every N`` killed (SIGKILL) mid-run continues with ``--resume``
+and ends bit-identical to the uninterrupted run (CPU, one thread): metrics, losses, trained weights.
+"""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hifi_fast import cli
+from hifi_fast.training_state import STATE_NAME
+
+from test_cli import finetune_argv, tiny_csv, tiny_model_dir  # noqa: F401 - fixtures
+
+TESTS = Path(__file__).resolve().parent
+# Kill the run in the middle of epoch 2 (11 steps per epoch), two steps after its last save (step 15).
+CHILD = textwrap.dedent("""
+    import json, os, signal, sys
+    from hifi_fast import cli, guard
+
+    step = guard.NonFiniteGuard.step
+    calls = []
+
+    def step_then_die(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(self, *args, **kwargs)
+
+    guard.NonFiniteGuard.step = step_then_die
+    cli.main(json.loads(sys.argv[1]))
+""")
+SAME = ("accuracy", "macro_f1", "eval_loss", "final_train_loss", "epoch_losses", "steps", "skipped_steps",
+        "confusion_matrix", "selected_heads", "trainable_params")
+
+
+def _argv(model_dir, data, out, *extra):
+    return finetune_argv(model_dir, data, out, "--heads-per-layer", "1", "--threads", "1", *extra)
+
+
+@pytest.mark.parametrize("method", ["hifi", "lora"])
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_csv, tmp_path, method):  # noqa: F811
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert cli.main(_argv(tiny_model_dir, tiny_csv, whole, "--method", method)) == 0
+    argv = _argv(tiny_model_dir, tiny_csv, broken, "--method", method, "--save-every", "3")
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), "18"], capture_output=True, text=True,
+                           timeout=600, cwd=TESTS)
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    assert not (broken / "metrics.json").exists() and (broken / STATE_NAME).is_file()
+
+    assert cli.main(["finetune", "--resume", str(broken), "--quiet", "--threads", "1"]) == 0
+    want, got = (json.loads((run / "metrics.json").read_text()) for run in (whole, broken))
+    assert {k: got[k] for k in SAME} == {k: want[k] for k in SAME}
+    weights = "hifi_weights.safetensors" if method == "hifi" else "adapter_model.safetensors"
+    want, got = (load_file(str(run / weights)) for run in (whole, broken))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tiny_csv, tmp_path, capsys):  # noqa: F811
+    def refused(run_dir, message):
+        assert cli.main(["finetune", "--resume", str(run_dir), "--quiet"]) == 2
+        assert message in capsys.readouterr().err
+
+    refused(tmp_path / "nowhere", "no run_config.json there, so it is not a hifi-fast run directory")
+    finished = tmp_path / "finished"
+    assert cli.main(_argv(tiny_model_dir, tiny_csv, finished, "--epochs", "1")) == 0
+    refused(finished, "that run has finished (metrics.json is there)")
+    (finished / "metrics.json").unlink()
+    refused(finished, "no saved training state (training_state.pt); a run saves one every N steps when started "
+                      "with --save-every N")
+    assert cli.main(_argv(tiny_model_dir, tiny_csv, tmp_path / "x", "--save-every", "-1")) == 2
+    assert "--save-every must be >= 0, got -1" in capsys.readouterr().err
