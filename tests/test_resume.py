@@ -18,21 +18,34 @@ from hifi_fast.training_state import STATE_NAME
 from test_cli import finetune_argv, tiny_csv, tiny_model_dir  # noqa: F401 - fixtures
 
 TESTS = Path(__file__).resolve().parent
-# Kill the run in the middle of epoch 2 (11 steps per epoch), two steps after its last save (step 15).
+# Kill the run at its N-th optimizer step ("step N": in the middle of epoch 2 of 11 steps, two
+# steps after its last save) or while writing its N-th training state ("save N": the temporary file
+# written, not yet renamed; the state of the save before must survive).
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from hifi_fast import cli, guard
+    from hifi_fast import cli, guard, training_state
 
-    step = guard.NonFiniteGuard.step
+    what, n = sys.argv[2].split()
     calls = []
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if what == "step":
+        step = guard.NonFiniteGuard.step
 
-    def step_then_die(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == int(sys.argv[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return step(self, *args, **kwargs)
+        def step_then_die(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == int(n):
+                die()
+            return step(self, *args, **kwargs)
 
-    guard.NonFiniteGuard.step = step_then_die
+        guard.NonFiniteGuard.step = step_then_die
+    else:
+        atomic_write = training_state.atomic_write
+
+        def write_then_die(path, write):
+            calls.append(1)
+            atomic_write(path, (lambda tmp: (write(tmp), die())) if len(calls) == int(n) else write)
+
+        training_state.atomic_write = write_then_die
     cli.main(json.loads(sys.argv[1]))
 """)
 SAME = ("accuracy", "macro_f1", "eval_loss", "final_train_loss", "epoch_losses", "steps", "skipped_steps",
@@ -43,12 +56,12 @@ def _argv(model_dir, data, out, *extra):
     return finetune_argv(model_dir, data, out, "--heads-per-layer", "1", "--threads", "1", *extra)
 
 
-@pytest.mark.parametrize("method", ["hifi", "lora"])
-def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_csv, tmp_path, method):  # noqa: F811
+@pytest.mark.parametrize("method, kill", [("hifi", "step 18"), ("lora", "step 18"), ("hifi", "save 5")])
+def test_killed_run_resumes_to_the_uninterrupted_result(tiny_model_dir, tiny_csv, tmp_path, method, kill):  # noqa: F811
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert cli.main(_argv(tiny_model_dir, tiny_csv, whole, "--method", method)) == 0
     argv = _argv(tiny_model_dir, tiny_csv, broken, "--method", method, "--save-every", "3")
-    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), "18"], capture_output=True, text=True,
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(argv), kill], capture_output=True, text=True,
                            timeout=600, cwd=TESTS)
     assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
     assert not (broken / "metrics.json").exists() and (broken / STATE_NAME).is_file()
