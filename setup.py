@@ -11,7 +11,7 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["hifi_fast", "hifi_fast.adapters", "hifi_fast.ops", "hifi_fast.kernels"]
+PACKAGES = ["hifi_fast", "hifi_fast.adapters", "hifi_fast.cli", "hifi_fast.ops", "hifi_fast.kernels"]
 PACKAGE_DIR = {"hifi_fast.kernels": "kernels"}
 
 

@@ -24,7 +24,7 @@ try:  # FSDP2 shards parameters as DTensors
 except ImportError:  # torch built without distributed support
     DTensor, distribute_tensor = (), None
 
-from .adapters import ProjectionSlice
+from .adapters import ProjectionSlice, attention_layers
 from .ops import feature_index
 from .sparse_head_linear import COLS, ROWS, slice_dim, sparse_head_linear
 
@@ -209,3 +209,10 @@ def slice_param_count(module: nn.Module, spec: ProjectionSlice) -> int:
     if spec.sliced == COLS:
         return width * weight.shape[0]
     return width * weight.shape[1] + (width if module.bias is not None else 0)
+
+
+def head_param_cost(model: nn.Module) -> int:
+    """Trainable parameters one head costs at most (its own K/V group rows included)."""
+    layer = attention_layers(model)[0]
+    modules = dict(model.named_modules())
+    return sum(slice_param_count(modules[s.module_name], s) for s in layer.slices([0]))

@@ -10,7 +10,8 @@ from torch import nn
 
 from .adapters import ProjectionSlice, attention_layers, get_adapter
 from .config import HiFiConfig
-from .modules import HeadSliceMixin, convert, slice_param_count
+from .modules import HeadSliceMixin, convert
+from .scoring import score_heads
 from .selection import HeadSelection, select_heads
 
 STATE_ATTR = "hifi_state"
@@ -95,8 +96,6 @@ def patch(
     if isinstance(selection, HiFiConfig):
         if batches is None:
             raise ValueError("patch(model, HiFiConfig) needs batches= to score the heads on")
-        from .scoring import score_heads
-
         config = selection
         scores = score_heads(model, batches, num_examples=config.num_scoring_examples, damping=config.damping)
         selection = select_heads(scores, config)
@@ -135,13 +134,6 @@ def unpatch(model: nn.Module) -> nn.Module:
         param.requires_grad_(state.requires_grad.get(name, True))
     delattr(model, STATE_ATTR)
     return model
-
-
-def head_param_cost(model: nn.Module) -> int:
-    """Trainable parameters one head costs at most (its own K/V group rows included)."""
-    layer = attention_layers(model)[0]
-    modules = dict(model.named_modules())
-    return sum(slice_param_count(modules[s.module_name], s) for s in layer.slices([0]))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -12,8 +12,8 @@ from tqdm.auto import tqdm
 from .adapters import attention_layers
 from .backends import ops_for
 from .ops import cka_from_cross, entropy_from_grams
+from .modules import head_param_cost
 from .pagerank import pagerank
-from .patching import head_param_cost
 from .scores import HeadScores
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

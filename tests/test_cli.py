@@ -12,6 +12,8 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 import hifi_fast  # noqa: E402
 from hifi_fast import cli  # noqa: E402
+from hifi_fast.cli.compare import argv_for  # noqa: E402
+from hifi_fast.cli.parse import normalise_argv  # noqa: E402
 from hifi_fast.data import encode, load_data  # noqa: E402
 from hifi_fast.train import evaluate  # noqa: E402
 
@@ -170,7 +172,7 @@ def test_compare_subprocess_arguments_round_trip(tiny_model_dir, tiny_csv, tmp_p
     argv[0] = "compare"
     args = parser.parse_args(argv)
     finetune = parser.subcommand_parsers["finetune"]
-    forwarded = cli._argv_for(finetune, args, {"method", "output_dir"})
+    forwarded = argv_for(finetune, args, {"method", "output_dir"})
     again = parser.parse_args(["finetune", "--output-dir", str(tmp_path), *forwarded])
     for key, value in vars(again).items():
         if key not in ("command", "method", "resume"):  # --resume is finetune's alone
@@ -194,10 +196,10 @@ def test_bad_inputs_exit_2_with_a_message(tiny_model_dir, tmp_path, capsys):
 
 
 def test_finetune_is_the_default_subcommand():
-    assert cli._normalise_argv([]) == ["finetune"]
-    assert cli._normalise_argv(["--epochs", "1"]) == ["finetune", "--epochs", "1"]
-    assert cli._normalise_argv(["predict", "--checkpoint", "x"])[0] == "predict"
-    args = cli.build_parser().parse_args(cli._normalise_argv([]))
+    assert normalise_argv([]) == ["finetune"]
+    assert normalise_argv(["--epochs", "1"]) == ["finetune", "--epochs", "1"]
+    assert normalise_argv(["predict", "--checkpoint", "x"])[0] == "predict"
+    args = cli.build_parser().parse_args(normalise_argv([]))
     assert args.command == "finetune" and args.method == "hifi" and args.model is None and args.train is None
 
 
