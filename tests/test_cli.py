@@ -215,3 +215,21 @@ def test_readme_command_shape():
     """The README's main-job command parses (bare ``hifi-fast finetune``)."""
     args = cli.build_parser().parse_args(shlex.split("finetune"))
     assert args.max_length == 64 and args.heads_per_layer == 2 and args.scoring_examples == 256
+
+
+@pytest.mark.parametrize("others, expected", [(0, 2), (1, 1), (5, 1)])
+def test_default_threads_follow_the_tasks_running_now(monkeypatch, others, expected):
+    from hifi_fast.cli import loading
+
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(loading, "other_runnable_tasks", lambda: others)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert loading.auto_threads() == (expected, f"2 cores, {others} other runnable task{'' if others == 1 else 's'} now")
+
+
+def test_other_runnable_tasks_reads_proc():
+    from hifi_fast.cli.loading import other_runnable_tasks
+
+    if not os.path.exists("/proc/loadavg"):
+        pytest.skip("no /proc here")
+    assert 0 <= other_runnable_tasks() < 10_000

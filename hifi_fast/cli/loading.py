@@ -73,32 +73,31 @@ def resolve_device(name: str):
     return device
 
 
-def _own_running_threads() -> int:
-    """This process's threads that are runnable now (state R)."""
-    count = 0
+def other_runnable_tasks() -> int:
+    """Threads of other processes runnable right now: the runnable-task count of ``/proc/loadavg``
+    less this process's own runnable threads (raises ``OSError`` where there is no ``/proc``)."""
+    running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    own = 0
     for stat in Path("/proc/self/task").glob("*/stat"):
         try:
-            count += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
+            own += stat.read_text().rsplit(")", 1)[1].split()[0] == "R"
         except (OSError, IndexError):
             continue
-    return max(1, count)
+    return max(0, running - max(1, own))
 
 
 def auto_threads() -> tuple[int, str]:
-    """Torch's thread count, lowered to the cores other processes are running on right now, and why.
-
-    A CPU GEMM split over more threads than free cores runs several times slower. "Right now" is the
-    runnable-task count of ``/proc/loadavg`` less this process's own runnable threads: the 1-minute
-    load average would still count a job that ended seconds ago."""
+    """Torch's thread count, lowered to the cores other processes are not running on right now, and
+    why. A CPU GEMM split over more threads than free cores runs several times slower; the 1-minute
+    load average would still count a job that ended seconds ago, so the tasks runnable now count."""
     import torch
 
     threads = torch.get_num_threads()
     try:
         cores = len(os.sched_getaffinity(0))
-        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+        others = other_runnable_tasks()
     except (AttributeError, OSError, ValueError, IndexError):
         return threads, "torch's default"
-    others = max(0, running - _own_running_threads())
     chosen = max(1, min(threads, cores - others))
     return chosen, f"{cores} cores, {others} other runnable task{'' if others == 1 else 's'} now"
 
