@@ -83,7 +83,7 @@ def patch(
     Args:
         model: a supported ``transformers`` model (see ``hifi_fast.SUPPORTED_MODEL_TYPES``).
         selection: a ``HeadSelection``, or a ``HiFiConfig`` to score ``batches`` and select by.
-        batches: scoring batches (dicts with ``input_ids``/``attention_mask``), with a config only.
+        batches: scoring batches (dicts with ``input_ids``/``attention_mask``, or ``pixel_values``), with a config only.
         modules_to_save: modules trained in full; default: the config's, else the task head.
         master_dtype: dtype of the trainable slices; default: the config's, else the model's.
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import attention_layers
+from .adapters import attention_layers, get_adapter
 from .backends import ops_for
 from .ops import cka_from_cross, entropy_from_grams
 from .modules import head_param_cost
@@ -17,6 +17,7 @@ from .pagerank import pagerank
 from .scores import HeadScores
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+PIXEL_VALUES = "pixel_values"
 
 
 class _Accumulator:
@@ -30,9 +31,11 @@ class _Accumulator:
 
     def add(self, layer: int, context: torch.Tensor, num_heads: int) -> None:
         batch, tokens, width = context.shape
+        # Images have no mask: every token (class, distillation, patches) is valid.
+        mask = self.mask if self.mask is not None else torch.ones(batch, tokens, dtype=torch.long, device=context.device)
         context = context.view(batch, tokens, num_heads, width // num_heads)
         self.finite[layer] &= torch.isfinite(context).all()
-        gram, cross = ops_for(context).head_grams(context, self.mask)
+        gram, cross = ops_for(context).head_grams(context, mask)
         # NaNs would make the eigen-solver raise an opaque error; they are reported by layer at the end.
         gram, cross = torch.nan_to_num(gram, 0.0, 0.0, 0.0), torch.nan_to_num(cross, 0.0, 0.0, 0.0)
         self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
@@ -51,17 +54,32 @@ class _Accumulator:
         return int(count.item())
 
 
-def _model_inputs(batch: dict, device: torch.device, index: int, limit: int) -> dict[str, torch.Tensor]:
+def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, input_key: str = "input_ids") -> dict[str, torch.Tensor]:
     """The model's inputs of one batch, cut to ``limit`` examples and checked while still on the
-    host (so the scoring loop needs no device sync), then moved to ``device``."""
-    if not isinstance(batch, dict) or "input_ids" not in batch:
-        raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask')")
+    host (so the scoring loop needs no device sync), then moved to ``device``. ``input_key`` is what
+    the model takes: ``input_ids`` (text) or ``pixel_values`` (images)."""
+    if not isinstance(batch, dict) or ("input_ids" not in batch and PIXEL_VALUES not in batch):
+        raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask') or 'pixel_values'")
+    if input_key not in batch:
+        raise TypeError(f"scoring batch {index} has no {input_key!r}, which this model takes (batch keys: {sorted(batch)})")
+    if input_key == PIXEL_VALUES:
+        return {PIXEL_VALUES: _pixel_values(batch[PIXEL_VALUES], index, limit).to(device, non_blocking=True)}
     inputs = {k: torch.as_tensor(batch[k])[:limit] for k in MODEL_INPUTS if k in batch}
     if inputs["input_ids"].dim() != 2:
         raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     _check_mask(inputs["attention_mask"], index)
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def _pixel_values(pixels, index: int, limit: int) -> torch.Tensor:
+    pixels = torch.as_tensor(pixels)[:limit]
+    if pixels.dim() != 4 or pixels.shape[0] == 0 or not pixels.is_floating_point():
+        raise ValueError(
+            f"scoring batch {index}: pixel_values must be a float [batch, channels, height, width] tensor with "
+            f"at least one image, got {tuple(pixels.shape)} {pixels.dtype}"
+        )
+    return pixels
 
 
 def _check_mask(mask: torch.Tensor, index: int) -> None:
@@ -85,8 +103,9 @@ def score_heads(
 
     Args:
         model: a supported ``transformers`` model; run frozen in eval mode (its mode is restored).
-        batches: iterable of dicts with ``input_ids`` ``[B, T]`` and ``attention_mask`` (other keys,
-            e.g. ``labels``, are ignored). Padding tokens take no part in any statistic.
+        batches: iterable of dicts with ``input_ids`` ``[B, T]`` and ``attention_mask`` for text
+            models, ``pixel_values`` ``[B, C, H, W]`` for vision models (every token counts; other
+            keys, e.g. ``labels``, are ignored). Padding tokens take no part in any statistic.
         num_examples: examples to read; the last batch is cut to fit.
         damping: PageRank damping.
         progress: show a tqdm bar.
@@ -97,6 +116,7 @@ def score_heads(
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     layers = attention_layers(model)
+    input_key = get_adapter(model).input_key
     num_heads = layers[0].num_heads
     device = next(model.parameters()).device
     acc = _Accumulator(len(layers), num_heads, device)
@@ -115,10 +135,10 @@ def score_heads(
     try:
         with tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
             for index, batch in enumerate(batches):
-                inputs = _model_inputs(batch, device, index, num_examples - seen)
-                acc.mask = inputs["attention_mask"]
+                inputs = _model_inputs(batch, device, index, num_examples - seen, input_key)
+                acc.mask = inputs.get("attention_mask")
                 forward(**inputs)
-                taken = inputs["input_ids"].shape[0]
+                taken = inputs[input_key].shape[0]
                 seen += taken
                 bar.update(taken)
                 if seen >= num_examples:

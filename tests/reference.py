@@ -69,33 +69,42 @@ def pagerank_ref(corr, teleport, damping=0.85, tol=1e-10, max_iter=100):
     return s
 
 
-@torch.no_grad()
 def score_reference(model, family, batches, damping=0.85):
     """Run every example alone, unpadded, and compute richness/CKA/PageRank per DESIGN §1.2-1.4."""
     num_layers, num_heads, _, head_dim, _ = geometry(model, family)
+    examples = (
+        {"input_ids": batch["input_ids"][row : row + 1, : int(batch["attention_mask"][row].sum())]}
+        for batch in batches
+        for row in range(batch["input_ids"].shape[0])
+    )
+    o_proj = [O_PROJ[family].format(i) for i in range(num_layers)]
+    return examples_reference(model, model.base_model, o_proj, num_heads, head_dim, examples, damping)
+
+
+@torch.no_grad()
+def examples_reference(model, forward, o_proj, num_heads, head_dim, examples, damping=0.85):
+    """Richness/CKA/PageRank from the inputs of the output projections ``o_proj`` (module names,
+    one per layer), each example (a dict of inputs, batch 1, no padding) run alone by ``forward``."""
+    num_layers = len(o_proj)
     modules = dict(model.named_modules())
     captured = {}
     handles = [
-        modules[O_PROJ[family].format(i)].register_forward_pre_hook(
-            lambda m, args, i=i: captured.__setitem__(i, args[0][0].double())
-        )
-        for i in range(num_layers)
+        modules[name].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0][0].double()))
+        for i, name in enumerate(o_proj)
     ]
     ent = torch.zeros(num_layers, num_heads, dtype=torch.float64)
     cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64)
     count = 0
     try:
-        for batch in batches:
-            for row in range(batch["input_ids"].shape[0]):
-                n = int(batch["attention_mask"][row].sum())
-                model.base_model(input_ids=batch["input_ids"][row : row + 1, :n])
-                count += 1
-                for layer in range(num_layers):
-                    heads = captured[layer].view(n, num_heads, head_dim)
-                    for h in range(num_heads):
-                        ent[layer, h] += entropy_of(heads[:, h])
-                        for g in range(num_heads):
-                            cka[layer, h, g] += cka_of(heads[:, h], heads[:, g])
+        for example in examples:
+            forward(**example)
+            count += 1
+            for layer in range(num_layers):
+                heads = captured[layer].view(-1, num_heads, head_dim)
+                for h in range(num_heads):
+                    ent[layer, h] += entropy_of(heads[:, h])
+                    for g in range(num_heads):
+                        cka[layer, h, g] += cka_of(heads[:, h], heads[:, g])
     finally:
         for handle in handles:
             handle.remove()

@@ -9,6 +9,10 @@ from torch import nn
 from ..sparse_head_linear import COLS, ROWS
 
 
+class UnsupportedModelError(ValueError):
+    """The model's architecture has no adapter."""
+
+
 @dataclass(frozen=True)
 class ProjectionSlice:
     """The head blocks of one projection that train.
@@ -66,7 +70,9 @@ class ArchitectureAdapter:
 
     Subclasses set ``model_types`` (``config.model_type`` values), ``layer_pattern`` (regex on module
     names with the layer index as group 1), the projection names relative to that module, the config
-    attributes holding the head counts, and ``task_heads`` (top-level modules trained in full)."""
+    attributes holding the head counts, ``task_heads`` (top-level modules trained in full) and
+    ``input_key``, the batch entry the scoring pass feeds the model (``"pixel_values"``: images,
+    every token valid)."""
 
     family: str = ""
     model_types: tuple[str, ...] = ()
@@ -79,10 +85,18 @@ class ArchitectureAdapter:
     heads_attr: str = "num_attention_heads"
     kv_heads_attr: str | None = None
     task_heads: tuple[str, ...] = ()
+    input_key: str = "input_ids"
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ``UnsupportedModelError`` for a model of this family that cannot be patched as is."""
+
+    def head_config(self, model: nn.Module):
+        """The config holding the head counts."""
+        return model.config
 
     def layers(self, model: nn.Module) -> list[AttentionLayer]:
         """The model's attention layers, in order."""
-        config = model.config
+        config = self.head_config(model)
         num_heads = getattr(config, self.heads_attr)
         num_kv_heads = getattr(config, self.kv_heads_attr, None) if self.kv_heads_attr else None
         num_kv_heads = num_kv_heads or num_heads
