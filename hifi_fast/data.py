@@ -352,14 +352,18 @@ def load_data(
 
 # ------------------------------------------------------------------------------------------- batching
 
+IGNORE_INDEX = -100  # a label no loss is taken on (PyTorch's cross-entropy default)
+
 @dataclass
 class Encoded:
-    """Token ids of each example (no padding), with labels."""
+    """Token ids of each example (no padding), with labels: one class per example (``labels``) or,
+    for language modelling, one target per token (``token_labels``, -100 where no loss is taken)."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: list[int] | None
     pad_token_id: int
+    token_labels: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -384,21 +388,22 @@ def encode(tokenizer, texts: Sequence[str], labels: Sequence[int] | None, max_le
 def collate(data: Encoded, indices: Sequence[int], padding_side: str = "right") -> dict[str, torch.Tensor]:
     """One right-padded batch (left-padded if ``padding_side="left"``) as tensors."""
     length = max(len(data.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), length), data.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(indices), length), dtype=torch.long)
-    types = torch.zeros((len(indices), length), dtype=torch.long) if data.token_type_ids is not None else None
-    for row, i in enumerate(indices):
-        seq = data.input_ids[i]
-        sl = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
-        ids[row, sl] = torch.tensor(seq, dtype=torch.long)
-        mask[row, sl] = 1
-        if types is not None:
-            types[row, sl] = torch.tensor(data.token_type_ids[i], dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        batch["token_type_ids"] = types
+
+    def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+        out = torch.full((len(indices), length), fill, dtype=torch.long)
+        for row, seq in enumerate(rows):
+            sl = slice(0, len(seq)) if padding_side == "right" else slice(length - len(seq), length)
+            out[row, sl] = torch.tensor(seq, dtype=torch.long)
+        return out
+
+    ids = [data.input_ids[i] for i in indices]
+    batch = {"input_ids": padded(ids, data.pad_token_id), "attention_mask": padded([[1] * len(x) for x in ids], 0)}
+    if data.token_type_ids is not None:
+        batch["token_type_ids"] = padded([data.token_type_ids[i] for i in indices], 0)
     if data.labels is not None:
         batch["labels"] = torch.tensor([data.labels[i] for i in indices], dtype=torch.long)
+    elif data.token_labels is not None:  # padding takes no loss
+        batch["labels"] = padded([data.token_labels[i] for i in indices], IGNORE_INDEX)
     return batch
 
 

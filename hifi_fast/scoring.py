@@ -2,7 +2,7 @@
 accumulated while streaming from a hook on each output projection's input."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, inp
     """The model's inputs of one batch, cut to ``limit`` examples and checked while still on the
     host (so the scoring loop needs no device sync), then moved to ``device``. ``input_key`` is what
     the model takes: ``input_ids`` (text) or ``pixel_values`` (images)."""
-    if not isinstance(batch, dict) or ("input_ids" not in batch and PIXEL_VALUES not in batch):
+    if not isinstance(batch, Mapping) or ("input_ids" not in batch and PIXEL_VALUES not in batch):  # BatchEncoding too
         raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask') or 'pixel_values'")
     if input_key not in batch:
         raise TypeError(f"scoring batch {index} has no {input_key!r}, which this model takes (batch keys: {sorted(batch)})")

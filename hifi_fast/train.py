@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Encoded, iter_batches, num_batches
+from .data import IGNORE_INDEX, Encoded, iter_batches, num_batches
 from .guard import NonFiniteGuard
 from .training_state import LoopPosition, load_state, save_state
 
@@ -152,7 +152,7 @@ def train_model(
     exactly where it was saved (same model set-up, data and settings)."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if data.labels is None:
+    if data.labels is None and data.token_labels is None:
         raise ValueError("training data has no labels")
     if (save_every or resume) and state_dir is None:
         raise ValueError("save_every and resume need a state_dir")
@@ -270,3 +270,29 @@ def evaluate(model: nn.Module, data: Encoded, num_classes: int, label_names: lis
     metrics["loss"] = float(torch.nn.functional.cross_entropy(logits, labels))
     metrics["eval_time_s"] = time.perf_counter() - start
     return metrics
+
+
+@torch.no_grad()
+def evaluate_causal_lm(model: nn.Module, data: Encoded, batch_size: int = 16, progress: bool = False) -> dict:
+    """Mean next-token cross-entropy over every target token of ``data`` (``token_labels``; the prompt
+    and the padding excluded) and its perplexity."""
+    if data.token_labels is None:
+        raise ValueError("evaluation data has no token targets (encode it with lm_data.encode_lm)")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    start = time.perf_counter()
+    try:
+        for batch in tqdm(list(iter_batches(data, batch_size)), desc="evaluating", disable=not progress):
+            batch = _to_device(batch, device)
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()
+            targets = labels[:, 1:]
+            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+            count += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count,
+            "eval_time_s": time.perf_counter() - start}

@@ -31,13 +31,15 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from .causal_lm import run_finetune_causal_lm, run_generate  # noqa: E402
 from .classify import run_finetune, run_predict  # noqa: E402
 from .compare import run_compare  # noqa: E402
 from .console import CLIError  # noqa: E402
 from .parse import build_parser, normalise_argv  # noqa: E402
-from .runs import FROZEN_WEIGHTS, load_run  # noqa: E402
+from .runs import FROZEN_WEIGHTS, load_run, resumed_args  # noqa: E402
 
-__all__ = ["FROZEN_WEIGHTS", "CLIError", "build_parser", "load_run", "main", "run_compare", "run_finetune", "run_predict"]
+__all__ = ["FROZEN_WEIGHTS", "CLIError", "build_parser", "load_run", "main", "run_compare", "run_finetune",
+           "run_finetune_causal_lm", "run_generate", "run_predict"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "finetune":
-            run_finetune(args)
+            if args.resume:
+                args = resumed_args(args)
+            (run_finetune_causal_lm if args.task == "causal-lm" else run_finetune)(args)
         elif args.command == "compare":
             run_compare(args)
+        elif args.command == "generate":
+            run_generate(args)
         else:
             run_predict(args)
     except (CLIError, DataError) as err:

@@ -10,7 +10,7 @@ from .loading import auto_threads, load_classifier, load_tokenizer, model_label,
 from .methods import save_method, setup_method
 from .parse import DEFAULT_LR, check_args
 from .report import print_summary
-from .runs import METRICS, RUN_CONFIG, SELECTION, default_output_dir, dir_size_mb, load_run, resumed_args, run_config_of, write_json
+from .runs import METRICS, default_output_dir, dir_size_mb, load_run, record_start, run_config_of, write_json
 
 
 def load_splits(args):
@@ -31,10 +31,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     from hifi_fast.data import encode
     from hifi_fast.train import evaluate, process_peak_rss_mb, set_seed, train_model
 
-    if getattr(args, "resume", None):
-        args = resumed_args(args)
-    else:
-        args.resume = None
+    args.resume = getattr(args, "resume", None)  # compare's arguments have none
     method = method or args.method
     check_args(args)
     console = Console(args.quiet)
@@ -70,10 +67,8 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     console.info(f"method {method}: trainable params {trainable:,} of {total_params:,} "
                  f"({100 * trainable / total_params:.3f}%), lr {lr:g}, {args.epochs} epoch(s)")
 
-    # Written before training, so that an interrupted run can be resumed with its own settings.
-    write_json(run_dir / RUN_CONFIG, run_config_of(args, method, model_path, splits, lr, info))
-    if selection is not None:
-        (run_dir / SELECTION).write_text(selection.to_json(indent=2) + "\n")
+    record_start(run_dir, run_config_of(args, method, model_path, lr, info, splits.description, splits.label_names),
+                 selection)
 
     set_seed(args.seed)
     if args.resume:

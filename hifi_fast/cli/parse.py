@@ -7,7 +7,8 @@ from .console import CLIError
 
 METHODS = ("hifi", "lora", "full", "frozen")
 DEFAULT_LR = {"hifi": 1e-3, "lora": 1e-3, "full": 5e-5, "frozen": 2e-3}
-SUBCOMMANDS = ("finetune", "compare", "predict")
+SUBCOMMANDS = ("finetune", "compare", "predict", "generate")
+TASKS = ("classification", "causal-lm")
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -88,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--method", default="hifi", choices=METHODS,
                           help="hifi (default), lora (peft, r=8 on query/value), full fine-tuning, or frozen "
                           "(classifier only)")
+    finetune.add_argument("--task", default="classification", choices=TASKS,
+                          help="classification (default) of --text-column into --label-column, or causal-lm: "
+                          "next-token training of a decoder (Llama, Mistral, Qwen2/3, GPT-2) on --text-column, "
+                          "after --prompt-column when given; reports eval loss and perplexity before and after")
+    finetune.add_argument("--prompt-column", default=None,
+                          help="causal-lm: a column of prompts that the text answers; the prompt takes no loss")
     finetune.add_argument("--resume", default=None, metavar="RUN_DIR",
                           help="continue an interrupted run (saved with --save-every) from its last saved step, "
                           "with its own settings; ends as the uninterrupted run would have")
@@ -114,7 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-length", type=int, default=None, help="default: the run's")
     predict.add_argument("--json", action="store_true", help="print one JSON object per text")
     predict.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.subcommand_parsers = {"finetune": finetune, "compare": compare, "predict": predict}
+    generate = sub.add_parser("generate", help="continue prompts with a causal-lm run",
+                              description="Load a run directory written by finetune --task causal-lm and "
+                              "continue each prompt (greedy unless --sample).")
+    generate.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory of finetune --task causal-lm")
+    generate.add_argument("--prompt", action="append", default=[], required=True, help="a prompt (repeatable)")
+    generate.add_argument("--model", default=None, metavar="DIR",
+                          help="base model directory (default: the one recorded in the checkpoint)")
+    generate.add_argument("--max-new-tokens", type=int, default=32, help="default: 32")
+    generate.add_argument("--sample", action="store_true", help="sample (with --temperature) instead of greedy")
+    generate.add_argument("--temperature", type=float, default=1.0, help="default: 1.0")
+    generate.add_argument("--seed", type=int, default=0, help="seed of sampling (default: 0)")
+    generate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    parser.subcommand_parsers = {"finetune": finetune, "compare": compare, "predict": predict, "generate": generate}
     return parser
 
 

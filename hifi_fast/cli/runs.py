@@ -40,7 +40,8 @@ def default_output_dir(prefix: str) -> Path:
     return path
 
 
-def run_config_of(args, method: str, model_path: str, splits, lr: float, info: dict) -> dict:
+def run_config_of(args, method: str, model_path: str, lr: float, info: dict, data: str,
+                  label_names: list[str] | None) -> dict:
     """What ``run_config.json`` records: the settings (all of ``args``), data, model and versions."""
     import torch
 
@@ -48,13 +49,14 @@ def run_config_of(args, method: str, model_path: str, splits, lr: float, info: d
 
     run_config = {
         "command": "finetune",
+        "task": getattr(args, "task", "classification"),
         "method": method,
         "base_model_name_or_path": model_path,
-        "label_names": splits.label_names,
+        "label_names": label_names,
         "max_length": args.max_length,
         "init_seed": args.seed,
         "lr": lr,
-        "data": splits.description,
+        "data": data,
         "args": {k: v for k, v in vars(args).items() if k not in ("func", "resume")},
         "hifi_fast_version": hifi_fast.__version__,
         "torch_version": torch.__version__,
@@ -62,6 +64,14 @@ def run_config_of(args, method: str, model_path: str, splits, lr: float, info: d
     if "hifi_config" in info:
         run_config["hifi_config"] = info["hifi_config"]
     return run_config
+
+
+def record_start(run_dir: Path, run_config: dict, selection) -> None:
+    """Write ``run_config.json`` (and the selected heads) before training, so that an interrupted
+    run can be resumed with its own settings."""
+    write_json(run_dir / RUN_CONFIG, run_config)
+    if selection is not None:
+        (run_dir / SELECTION).write_text(selection.to_json(indent=2) + "\n")
 
 
 def resumed_args(args) -> argparse.Namespace:
@@ -79,7 +89,8 @@ def resumed_args(args) -> argparse.Namespace:
                        "steps when started with --save-every N")
     saved = json.loads((run_dir / RUN_CONFIG).read_text())["args"]
     ours = {k: getattr(args, k) for k in ("resume", "quiet", "threads", "device")}
-    return argparse.Namespace(**{**saved, **ours, "output_dir": str(run_dir)})
+    defaults = {"task": "classification", "prompt_column": None}  # runs saved before these options
+    return argparse.Namespace(**{**defaults, **saved, **ours, "output_dir": str(run_dir)})
 
 
 def load_run(checkpoint: str | os.PathLike, model_path: str | None = None):
