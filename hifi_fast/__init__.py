@@ -13,6 +13,7 @@ from .patching import count_parameters, is_patched, patch, print_trainable_param
 from .scores import HeadScores
 from .scoring import score_heads
 from .selection import HeadSelection, select_heads
+from .swap import swap
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,5 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES", "HeadScores", "HeadSelection", "HiFiConfig", "NonFiniteGuard", "NonFiniteStepError",
     "UnsupportedModelError",
     "count_parameters", "is_patched", "load", "patch", "print_trainable_parameters", "save",
-    "score_heads", "select_heads", "unpatch",
+    "score_heads", "select_heads", "swap", "unpatch",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,9 @@ from torch import nn
 from .adapters import attention_layers, get_adapter
 from .files import atomic_write
 from .modules import whole_tensor
-from .patching import STATE_ATTR, is_patched, patch, unpatch, weights_fingerprint
+from .patching import STATE_ATTR, is_patched, patch, plan_slices, resolve_modules_to_save, unpatch, weights_fingerprint
 from .selection import HeadSelection
+from .sparse_head_linear import ROWS, slice_dim
 
 CONFIG_NAME = "hifi_config.json"
 WEIGHTS_NAME = "hifi_weights.safetensors"
@@ -95,7 +97,15 @@ def read_config(directory: str | os.PathLike) -> dict:
     return config
 
 
-def _check_identity(model: nn.Module, config: dict, check_name: bool) -> None:
+def check_identity(
+    model: nn.Module, config: dict, check_name: bool = True,
+    base_fingerprint: Callable[[list[str]], str] | None = None,
+) -> None:
+    """Refuse (``CheckpointMismatchError``) a checkpoint ``config`` saved from another base model:
+    architecture, sizes, dtype, ``name_or_path`` (if ``check_name``) and the weights fingerprint.
+
+    ``base_fingerprint(modules_to_save)``, if given, returns the base model's fingerprint (e.g. one
+    kept from when the model was at its base values); default: hash ``model``'s weights now."""
     get_adapter(model)
     ours = _model_identity(model)
     keys = ["model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "dtype"]
@@ -104,7 +114,8 @@ def _check_identity(model: nn.Module, config: dict, check_name: bool) -> None:
     diffs = [f"{k}: checkpoint {config.get(k)!r}, model {ours[k]!r}" for k in keys if config.get(k) != ours[k]]
     if diffs:
         raise CheckpointMismatchError("checkpoint is for another base model (" + "; ".join(diffs) + ")")
-    if weights_fingerprint(model, config["modules_to_save"]) != config["base_fingerprint"]:
+    fingerprint = base_fingerprint or (lambda exclude: weights_fingerprint(model, exclude))
+    if fingerprint(config["modules_to_save"]) != config["base_fingerprint"]:
         raise CheckpointMismatchError(
             "checkpoint is for another base model: the model's weights differ from those it was trained "
             "from (weights fingerprint mismatch)"
@@ -160,7 +171,7 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
     if is_patched(model):
         raise ValueError("load: model is already patched; load into a fresh base model")
     config = read_config(directory)
-    _check_identity(model, config, check_name)
+    check_identity(model, config, check_name)
     selection = HeadSelection.from_dict(config["selection"])
     master = config.get("master_dtype")
     patch(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
@@ -175,3 +186,48 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
             if name in tensors:
                 param.copy_(tensors[name])
     return model
+
+
+def expected_tensors(
+    model: nn.Module, selection: HeadSelection, modules_to_save: list[str] | None = None,
+    master_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The tensors (names, shapes, dtypes; on the meta device) that a checkpoint of ``selection``
+    holds for the plain ``model``: what ``patch`` would make trainable, computed without patching.
+    Raises ``ValueError`` if the selection or ``modules_to_save`` does not fit the model."""
+    slices = plan_slices(model, selection)
+    to_save = resolve_modules_to_save(model, modules_to_save)
+    modules = dict(model.named_modules())
+    expected: dict[str, torch.Tensor] = {}
+    for spec in slices:
+        module = modules[spec.module_name]
+        weight = module.weight if isinstance(module, nn.Linear) else module.weight.t()
+        shape = list(weight.shape)
+        shape[slice_dim(spec.sliced)] = len(spec.blocks) * spec.block_size
+        dtype = master_dtype or weight.dtype
+        expected[f"{spec.module_name}.hifi_weight"] = torch.empty(shape, dtype=dtype, device="meta")
+        if spec.sliced == ROWS and module.bias is not None:
+            expected[f"{spec.module_name}.hifi_bias"] = torch.empty(shape[0], dtype=dtype, device="meta")
+    for name in to_save:
+        for param_name, param in modules[name].named_parameters(prefix=name):
+            expected[param_name] = torch.empty_like(param, device="meta")
+    return expected
+
+
+def read_checkpoint(
+    model: nn.Module, directory: str | os.PathLike, check_name: bool = True,
+    base_fingerprint: Callable[[list[str]], str] | None = None,
+) -> tuple[dict, HeadSelection, dict[str, torch.Tensor]]:
+    """Read and verify the checkpoint in ``directory`` for the plain ``model`` without touching it:
+    ``(config, selection, tensors)``, the tensors named as in the weights file, on the CPU, in
+    memory of their own (not mapped from the file, which may be rewritten later).
+
+    Every check of ``load`` runs (format, base model identity and fingerprint, weights file hash,
+    names, shapes and dtypes); ``base_fingerprint`` as in :func:`check_identity`."""
+    config = read_config(directory)
+    check_identity(model, config, check_name, base_fingerprint)
+    selection = HeadSelection.from_dict(config["selection"])
+    master = config.get("master_dtype")
+    expected = expected_tensors(model, selection, config["modules_to_save"], master and getattr(torch, master))
+    tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected, config)
+    return config, selection, {name: tensor.clone() for name, tensor in tensors.items()}
