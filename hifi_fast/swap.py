@@ -15,7 +15,8 @@ What is kept on the model, as ``model.hifi_swap_state`` (:class:`SwapState`):
   slices it overwrites (captured the first time it is applied). A task thus costs twice its
   slices' size (the task head included) in memory, and swapping back to it reads nothing from disk;
 - the version counter and storage of every parameter after the last swap, so that a weight changed
-  outside ``swap`` (which would make the kept base values wrong) is refused rather than mixed up.
+  outside ``swap`` (which would make the kept base values wrong) is refused rather than mixed up
+  (best effort: writes through ``.data`` and parameters replaced by assignment are not seen).
 
 Every slice is written with one ``index_copy_`` per projection tensor on a head-block view of it
 (``[blocks, block_size, d_in]`` for Q/K/V rows and their bias, ``[d_out, blocks, block_size]`` for
@@ -44,30 +45,31 @@ class SwapStateError(RuntimeError):
 
 @dataclass
 class _Write:
-    """One tensor a task writes: a head-block slice of a projection's weight or bias (``index``
-    set: blocks along ``dim`` of the tensor viewed as ``view``), or a whole task-head tensor."""
+    """One tensor a task writes: a head-block slice of a projection's weight or bias (``index`` set:
+    blocks along ``dim`` of ``target``, the parameter viewed as ``[..., blocks, block_size, ...]``),
+    or a whole task-head tensor (``index`` None). ``target`` is a detached view of ``param``, made
+    once (``swap`` refuses a model whose parameters were replaced in storage since)."""
 
-    module: nn.Module
-    attr: str
+    param: nn.Parameter
+    target: torch.Tensor
     values: torch.Tensor
-    view: tuple[int, ...] = ()
     dim: int = 0
     index: torch.Tensor | None = None
     base: torch.Tensor | None = None
 
-    def put(self, tensor: torch.Tensor, values: torch.Tensor) -> None:
+    def put(self, values: torch.Tensor, tensor: torch.Tensor | None = None) -> None:
+        """Write ``values`` into the parameter (or into ``tensor``, a copy of it)."""
+        target = self.target if tensor is None else tensor.view(self.target.shape)
         if self.index is None:
-            tensor.copy_(values)
+            target.copy_(values)
         else:
-            tensor.view(self.view).index_copy_(self.dim, self.index, values)
+            target.index_copy_(self.dim, self.index, values)
 
-    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+    def take(self) -> torch.Tensor:
+        """The parameter's current values where ``put`` writes."""
         if self.index is None:
-            return tensor.detach().clone()
-        return tensor.view(self.view).index_select(self.dim, self.index)
-
-    def tensor(self) -> torch.Tensor:
-        return getattr(self.module, self.attr)
+            return self.target.clone()
+        return self.target.index_select(self.dim, self.index)
 
 
 @dataclass
@@ -91,20 +93,17 @@ class SwapTask:
         """Bytes of the base values kept to undo the task (0 until it was first applied)."""
         return sum(w.base.nbytes for w in self.writes if w.base is not None)
 
-    @torch.no_grad()
     def apply(self) -> None:
         """Write the task into the model, which must be at its base values."""
         for write in self.writes:
-            tensor = write.tensor()
             if write.base is None:
-                write.base = write.take(tensor)
-            write.put(tensor, write.values)
+                write.base = write.take()
+            write.put(write.values)
 
-    @torch.no_grad()
     def undo(self) -> None:
         """Put back the base values of everything ``apply`` wrote."""
         for write in reversed(self.writes):
-            write.put(write.tensor(), write.base)
+            write.put(write.base)
 
 
 @dataclass
@@ -249,8 +248,7 @@ def _plan_writes(model: nn.Module, selection: HeadSelection, modules_to_save: li
     writes = []
     for head in modules_to_save:
         for name, param in modules[head].named_parameters(prefix=head):
-            module_name, attr = name.rsplit(".", 1)
-            writes.append(_Write(modules[module_name], attr, tensors[name].to(param.device)))
+            writes.append(_Write(param, param.detach(), tensors[name].to(param.device)))
     for spec in plan_slices(model, selection):
         module, size = modules[spec.module_name], spec.block_size
         if any(b % size for b in spec.blocks):
@@ -268,10 +266,10 @@ def _plan_writes(model: nn.Module, selection: HeadSelection, modules_to_save: li
 def _block_write(module: nn.Module, attr: str, values: torch.Tensor, dim: int, size: int, index: torch.Tensor) -> _Write:
     """A write of ``values`` (compact, ``len(index) * size`` features along ``dim``) into the head
     blocks ``index`` of ``module.<attr>``."""
-    target = getattr(module, attr)
-    blocks = values.unflatten(dim, (-1, size)).to(device=target.device, dtype=target.dtype).contiguous()
-    view = target.shape[:dim] + (target.shape[dim] // size, size) + target.shape[dim + 1:]
-    return _Write(module, attr, blocks, tuple(view), dim, index)
+    param = getattr(module, attr)
+    blocks = values.unflatten(dim, (-1, size)).to(device=param.device, dtype=param.dtype).contiguous()
+    view = param.shape[:dim] + (param.shape[dim] // size, size) + param.shape[dim + 1:]
+    return _Write(param, param.detach().view(view), blocks, dim, index)
 
 
 class _BaseView:
@@ -284,11 +282,11 @@ class _BaseView:
     def named_parameters(self):
         undo: dict[int, list[_Write]] = {}
         for write in reversed(self.task.writes):
-            undo.setdefault(id(write.tensor()), []).append(write)
+            undo.setdefault(id(write.param), []).append(write)
         for name, param in self.model.named_parameters():
             writes = undo.get(id(param))
             if writes:
                 param = param.detach().clone()
                 for write in writes:
-                    write.put(param, write.base)
+                    write.put(write.base, param)
             yield name, param

@@ -113,7 +113,10 @@ def test_overlapping_heads_take_the_new_task_values_and_restore_the_true_base(be
     b_slices = load_file(str(bert_tasks["b"] / WEIGHTS_NAME))
     hifi_fast.swap(model, bert_tasks["a"])
     hifi_fast.swap(model, bert_tasks["b"])  # B's base values are captured after A's are undone
-    rows = lambda heads: torch.cat([torch.arange(h * 8, h * 8 + 8) for h in heads])  # noqa: E731 (head_dim 8)
+
+    def rows(heads):  # head_dim 8
+        return torch.cat([torch.arange(h * 8, h * 8 + 8) for h in heads])
+
     assert torch.equal(query.weight[rows([2, 3])], b_slices["bert.encoder.layer.0.attention.self.query.hifi_weight"])
     assert torch.equal(query.bias[rows([2, 3])], b_slices["bert.encoder.layer.0.attention.self.query.hifi_bias"])
     assert torch.equal(query.weight[rows([0, 1])], base_weight[rows([0, 1])])  # head 1 was A's only
