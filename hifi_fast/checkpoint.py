@@ -23,7 +23,10 @@ from torch import nn
 from .adapters import attention_layers, get_adapter
 from .files import atomic_write
 from .modules import whole_tensor
-from .patching import STATE_ATTR, is_patched, patch, plan_slices, resolve_modules_to_save, unpatch, weights_fingerprint
+from .patching import (
+    STATE_ATTR, fingerprint_version, is_patched, patch, plan_slices, resolve_modules_to_save, unpatch,
+    weights_fingerprint,
+)
 from .selection import HeadSelection
 from .sparse_head_linear import ROWS, slice_dim
 
@@ -99,13 +102,14 @@ def read_config(directory: str | os.PathLike) -> dict:
 
 def check_identity(
     model: nn.Module, config: dict, check_name: bool = True,
-    base_fingerprint: Callable[[list[str]], str] | None = None,
+    base_fingerprint: Callable[[list[str], int], str] | None = None,
 ) -> None:
     """Refuse (``CheckpointMismatchError``) a checkpoint ``config`` saved from another base model:
     architecture, sizes, dtype, ``name_or_path`` (if ``check_name``) and the weights fingerprint.
 
-    ``base_fingerprint(modules_to_save)``, if given, returns the base model's fingerprint (e.g. one
-    kept from when the model was at its base values); default: hash ``model``'s weights now."""
+    ``base_fingerprint(modules_to_save, version)``, if given, returns the base model's fingerprint
+    of that version (e.g. one kept from when the model was at its base values); default: hash
+    ``model``'s weights now, with the fingerprint version the checkpoint was saved with."""
     get_adapter(model)
     ours = _model_identity(model)
     keys = ["model_type", "num_layers", "num_heads", "num_kv_heads", "head_dim", "dtype"]
@@ -114,8 +118,9 @@ def check_identity(
     diffs = [f"{k}: checkpoint {config.get(k)!r}, model {ours[k]!r}" for k in keys if config.get(k) != ours[k]]
     if diffs:
         raise CheckpointMismatchError("checkpoint is for another base model (" + "; ".join(diffs) + ")")
-    fingerprint = base_fingerprint or (lambda exclude: weights_fingerprint(model, exclude))
-    if fingerprint(config["modules_to_save"]) != config["base_fingerprint"]:
+    fingerprint = base_fingerprint or (lambda exclude, version: weights_fingerprint(model, exclude, version))
+    want = config["base_fingerprint"]
+    if fingerprint(config["modules_to_save"], fingerprint_version(want)) != want:
         raise CheckpointMismatchError(
             "checkpoint is for another base model: the model's weights differ from those it was trained "
             "from (weights fingerprint mismatch)"
@@ -216,7 +221,7 @@ def expected_tensors(
 
 def read_checkpoint(
     model: nn.Module, directory: str | os.PathLike, check_name: bool = True,
-    base_fingerprint: Callable[[list[str]], str] | None = None,
+    base_fingerprint: Callable[[list[str], int], str] | None = None,
 ) -> tuple[dict, HeadSelection, dict[str, torch.Tensor]]:
     """Read and verify the checkpoint in ``directory`` for the plain ``model`` without touching it:
     ``(config, selection, tensors)``, the tensors named as in the weights file, on the CPU, in

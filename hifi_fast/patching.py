@@ -10,7 +10,7 @@ from torch import nn
 
 from .adapters import ProjectionSlice, attention_layers, get_adapter
 from .config import HiFiConfig
-from .modules import HeadSliceMixin, convert
+from .modules import HeadSliceMixin, convert, whole_tensor
 from .scoring import score_heads
 from .selection import HeadSelection, select_heads
 
@@ -33,18 +33,56 @@ def is_patched(model: nn.Module) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
 
 
-def weights_fingerprint(model: nn.Module, exclude_prefixes: Iterable[str] = ()) -> str:
-    """A hash of every parameter's name, shape, dtype and bytes, skipping ``exclude_prefixes``
-    (the task head, which a fresh model initialises at random)."""
+FINGERPRINT_VERSION = 2
+_CHECKSUM_CHUNK = 1 << 22  # elements widened to int64 at a time (32 MiB on the tensor's device)
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksums(tensor: torch.Tensor) -> torch.Tensor:
+    """``[sum, position-weighted sum]`` of the tensor's raw bits as wrapping int64, computed on its
+    own device in chunks: integer sums are exact and order-free, so every device gives the same
+    numbers, and no copy of the tensor leaves its device."""
+    flat = tensor.detach().reshape(-1)
+    bits = flat.view(_BITS[flat.element_size()])
+    sums = torch.zeros(2, dtype=torch.int64, device=flat.device)
+    for start in range(0, bits.numel(), _CHECKSUM_CHUNK):
+        chunk = bits[start:start + _CHECKSUM_CHUNK].to(torch.int64)
+        position = torch.arange(start, start + chunk.numel(), device=flat.device, dtype=torch.int64) % 65521 + 1
+        sums += torch.stack([chunk.sum(), (chunk * position).sum()])
+    return sums
+
+
+def fingerprint_version(fingerprint: str) -> int:
+    """Which ``weights_fingerprint`` version produced ``fingerprint`` (1: before versions were named)."""
+    prefix, _, rest = fingerprint.partition(":")
+    return int(prefix[1:]) if rest and prefix.startswith("v") and prefix[1:].isdigit() else 1
+
+
+def weights_fingerprint(model: nn.Module, exclude_prefixes: Iterable[str] = (),
+                        version: int = FINGERPRINT_VERSION) -> str:
+    """A hash of every parameter's name, shape, dtype and values, skipping ``exclude_prefixes`` (the
+    task head, which a fresh model initialises at random).
+
+    Version 2 (``"v2:..."``) hashes two integer checksums per parameter computed on the parameter's
+    device (an 8B model on a GPU is fingerprinted without copying it to the host); version 1, kept to
+    check older checkpoints, hashed every byte on the CPU."""
+    if version not in (1, 2):
+        raise ValueError(f"unknown weights fingerprint version {version}; this hifi_fast knows 1 and 2")
     prefixes = tuple(p + "." for p in exclude_prefixes)
     digest = hashlib.blake2b(digest_size=16)
-    for name, param in model.named_parameters():
-        if name.startswith(prefixes) or name.rsplit(".", 1)[-1].startswith("hifi_"):
-            continue
-        tensor = param.detach().contiguous().cpu()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+    named = [(name, whole_tensor(param)) for name, param in model.named_parameters()
+             if not name.startswith(prefixes) and not name.rsplit(".", 1)[-1].startswith("hifi_")]
+    for name, param in named:
+        digest.update(f"{name}:{tuple(param.shape)}:{param.dtype};".encode())
+        if version == 1:
+            tensor = param.detach().contiguous().cpu()
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    if version == 1:
+        return digest.hexdigest()
+    if named:  # one transfer of 2 numbers per parameter
+        sums = torch.stack([_checksums(param).cpu() for _, param in named])
+        digest.update(sums.numpy().tobytes())
+    return f"v2:{digest.hexdigest()}"
 
 
 def plan_slices(model: nn.Module, selection: HeadSelection) -> list[ProjectionSlice]:

@@ -111,7 +111,7 @@ class SwapState:
     """What ``swap`` keeps on a model (``model.hifi_swap_state``)."""
 
     params: list[tuple[str, nn.Parameter]]
-    fingerprints: dict[frozenset[str], str] = field(default_factory=dict)
+    fingerprints: dict[tuple[frozenset[str], int], str] = field(default_factory=dict)
     tasks: dict[str, SwapTask] = field(default_factory=dict)
     current: SwapTask | None = None
     versions: list[tuple[int, int]] = field(default_factory=list, repr=False)
@@ -230,11 +230,11 @@ def _read_task(model: nn.Module, state: SwapState, checkpoint: str | os.PathLike
     if cached is not None and signature is not None and cached.signature == signature and (cached.checked_name or not check_name):
         return cached
 
-    def base_fingerprint(modules_to_save: list[str]) -> str:
-        key = frozenset(modules_to_save)
+    def base_fingerprint(modules_to_save: list[str], version: int) -> str:
+        key = (frozenset(modules_to_save), version)
         if key not in state.fingerprints:
             base = model if state.current is None else _BaseView(model, state.current)
-            state.fingerprints[key] = weights_fingerprint(base, modules_to_save)
+            state.fingerprints[key] = weights_fingerprint(base, modules_to_save, version)
         return state.fingerprints[key]
 
     config, selection, tensors = read_checkpoint(model, path, check_name, base_fingerprint)
