@@ -114,13 +114,13 @@ class Study:
                 self.report()
 
     def ablate(self) -> None:
-        lr = self.chosen_lr(_method("hifi"))
+        lr = self.chosen_lr(method_named("hifi"))
         for seed in ABLATION_SEEDS:
             for slug, label, options in ABLATIONS:
                 # Seed 0's default run is the one of the validation sweep (same name, reused).
                 run = f"val-hifi{'-' + slug if slug else ''}-lr{lr:g}{f'-seed{seed}' if seed else ''}"
                 self.ablations.setdefault(label, {})[seed] = self.run(
-                    run, [*_method("hifi").args, *options, "--lr", f"{lr:g}", "--validation", "--seed", str(seed)])
+                    run, [*method_named("hifi").args, *options, "--lr", f"{lr:g}", "--validation", "--seed", str(seed)])
                 self.report()
 
     # ------------------------------------------------------------------------------------ report
@@ -168,8 +168,8 @@ class Study:
             if not runs:
                 continue
             lines.append(
-                f"| {method.name} | {runs[0]['lr']:g} | {runs[0]['trainable_params']:,} | {_mean_std(runs, 'accuracy')} "
-                f"| {_mean_std(runs, 'macro_f1')} | {statistics.mean(r['train_time_s'] for r in runs):.0f} "
+                f"| {method.name} | {runs[0]['lr']:g} | {runs[0]['trainable_params']:,} | {mean_std(runs, 'accuracy')} "
+                f"| {mean_std(runs, 'macro_f1')} | {statistics.mean(r['train_time_s'] for r in runs):.0f} "
                 f"| {len(runs)} | {method.note} |")
         majority = [r["majority_accuracy"] for runs in self.final.values() for r in runs.values()]
         if majority:
@@ -187,7 +187,7 @@ class Study:
         for name, tried in self.sweep.items():
             best = max(tried, key=lambda lr: tried[lr]["accuracy"])
             for lr, m in sorted(tried.items()):
-                mark = " (chosen)" if lr == best and len(tried) == len(_method(name).lr_grid) else ""
+                mark = " (chosen)" if lr == best and len(tried) == len(method_named(name).lr_grid) else ""
                 lines.append(f"| {name} | {lr:g}{mark} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} |")
         lines += self._ablation_lines()
         notes = self.docs_dir / "results_notes.md"
@@ -220,7 +220,7 @@ class Study:
             return []
         seeds = ", ".join(map(str, ABLATION_SEEDS))
         lines = ["", f"## HiFi's options on validation (seeds {seeds})", "",
-                 f"Every variant at HiFi's chosen rate ({self.chosen_lr(_method('hifi')):g}), evaluated on the validation "
+                 f"Every variant at HiFi's chosen rate ({self.chosen_lr(method_named('hifi')):g}), evaluated on the validation "
                  "split of each seed (the seed also draws that split); the eval split is not read.", "",
                  "| variant | trainable params | " + " | ".join(f"val. accuracy seed {s}" for s in ABLATION_SEEDS)
                  + " | mean | selected heads (seed 0) |",
@@ -234,11 +234,11 @@ class Study:
         return lines
 
 
-def _method(name: str) -> Method:
+def method_named(name: str) -> Method:
     return next(m for m in METHODS if m.name == name)
 
 
-def _mean_std(runs: list[dict], key: str) -> str:
+def mean_std(runs: list[dict], key: str) -> str:
     values = [100 * r[key] for r in runs]
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.2f} ± {std:.2f}"
