@@ -5,7 +5,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-SCORES = ("pagerank", "richness", "correlation", "random")
+SCORES = ("pagerank", "richness", "correlation", "random", "importance")
+WARMUP_STEPS = 200
+WARMUP_LR = 1e-3
 SELECTIONS = ("per_layer", "global")
 
 
@@ -17,10 +19,24 @@ class HiFiConfig:
         heads_per_layer: ``k``, the heads trained per layer (``k * L`` in all for ``selection="global"``).
         trainable_param_budget: instead of ``k``, the largest ``k`` whose head slices fit this many
             parameters (task head not counted). Setting both is an error.
-        score: ``"pagerank"`` (HiFi), or the paper's ablations ``"richness"``, ``"correlation"``,
-            ``"random"``.
+        score: how heads are ranked.
+
+            - ``"pagerank"`` (default, HiFi; DESIGN §1.4): personalised PageRank per layer on the
+              graph whose edge weights are the heads' mean linear CKA (no self loops, columns
+              normalised), with the heads' information richness (mean singular-value entropy)
+              normalised to sum 1 as the teleport vector: ``s = (1 - d) v + d P s``. The paper's
+              method section could not be read to check this form equation by equation; see
+              ``docs/paper_comparison.md``.
+            - ``"richness"``, ``"correlation"`` (PageRank with a uniform teleport), ``"random"``
+              (seeded): the paper's ablations.
+            - ``"importance"``: task-aware gradient importance (Michel, Levy & Neubig 2019): the
+              mean over the scoring examples of ``|dL/d xi_h|`` for a gate ``xi_h = 1`` on each
+              head's output, normalised per layer by its L2 norm across heads. Needs labelled
+              scoring batches (causal LMs: the text itself) and scores computed with
+              ``score_heads(..., importance=True)`` (or ``score_for_config``); the task head is
+              first warmed up by a linear probe (``importance_warmup_steps``) and kept.
         selection: ``"per_layer"`` (top ``k`` of every layer) or ``"global"`` (top ``k * L`` overall,
-            each score divided by its layer's sum).
+            each score divided by its layer's sum; for ``score="importance"``, by its layer's L2 norm).
         num_scoring_examples: examples the scoring pass reads.
         damping: PageRank damping ``d``.
         seed: seed of ``score="random"``.
@@ -28,6 +44,11 @@ class HiFiConfig:
             architecture's task head (``classifier``/``score``); ``[]`` trains head slices only.
         master_dtype: dtype of the trainable slices (e.g. ``torch.float32`` master copies for a bf16
             model, so small updates are not rounded away); ``None``: the model's dtype.
+        importance_warmup_steps: ``score="importance"``: AdamW steps that train the task head alone
+            (backbone frozen) on the scoring examples before the gradients are taken, so the loss
+            comes from a head that has learnt something; the warmed head is kept as the start of
+            fine-tuning. 0 skips it; models without a separate task head (causal LMs) skip it.
+        importance_warmup_lr: learning rate of that warm-up.
     """
 
     heads_per_layer: int | None = 1
@@ -39,6 +60,8 @@ class HiFiConfig:
     seed: int = 0
     modules_to_save: list[str] | None = field(default=None)
     master_dtype: torch.dtype | None = None
+    importance_warmup_steps: int = WARMUP_STEPS
+    importance_warmup_lr: float = WARMUP_LR
 
     def __post_init__(self) -> None:
         if self.trainable_param_budget is not None:
@@ -63,11 +86,20 @@ class HiFiConfig:
             raise ValueError(f"HiFiConfig: master_dtype must be a floating torch.dtype, got {self.master_dtype!r}")
         if not 0.0 <= self.damping < 1.0:
             raise ValueError(f"HiFiConfig: damping must be in [0, 1), got {self.damping}")
+        check_warmup(self.importance_warmup_steps, self.importance_warmup_lr, "HiFiConfig: importance_warmup")
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["master_dtype"] = None if self.master_dtype is None else str(self.master_dtype).replace("torch.", "")
         return data
+
+
+def check_warmup(steps: object, lr: object, what: str) -> None:
+    """``steps`` an integer >= 0 and ``lr`` a positive finite number, or a ``ValueError`` naming ``what``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{what}_steps must be an integer >= 0, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0.0 < lr < float("inf"):
+        raise ValueError(f"{what}_lr must be a positive number, got {lr!r}")
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -17,6 +17,9 @@ class HeadScores:
         num_examples: examples the statistics were averaged over.
         damping: the damping ``pagerank`` was computed with.
         params_per_head: trainable parameters one selected head costs at most (Q/K/V rows, O columns).
+        importance: ``[L, H]`` mean over the scoring examples of ``|dL/d xi_h|``, the loss's
+            sensitivity to a gate on the head's output (Michel et al. 2019), not normalised; ``None``
+            unless the scores were computed with ``importance=True``.
     """
 
     richness: torch.Tensor
@@ -25,9 +28,10 @@ class HeadScores:
     num_examples: int
     damping: float = 0.85
     params_per_head: int = 0
+    importance: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "richness": self.richness.tolist(),
             "correlation": self.correlation.tolist(),
             "pagerank": self.pagerank.tolist(),
@@ -35,9 +39,14 @@ class HeadScores:
             "damping": self.damping,
             "params_per_head": self.params_per_head,
         }
+        if self.importance is not None:  # absent, the dict reads as older versions wrote it
+            data["importance"] = self.importance.tolist()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadScores":
+        """Read a ``to_dict`` result, older ones (no ``importance``) included."""
+        importance = data.get("importance")
         return cls(
             richness=torch.tensor(data["richness"], dtype=torch.float64),
             correlation=torch.tensor(data["correlation"], dtype=torch.float64),
@@ -45,4 +54,5 @@ class HeadScores:
             num_examples=int(data["num_examples"]),
             damping=float(data["damping"]),
             params_per_head=int(data["params_per_head"]),
+            importance=None if importance is None else torch.tensor(importance, dtype=torch.float64),
         )

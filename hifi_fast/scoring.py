@@ -1,8 +1,10 @@
 """The scoring pass (DESIGN §1.1-1.4): one frozen forward over the scoring set, per-head statistics
-accumulated while streaming from a hook on each output projection's input."""
+accumulated while streaming from a hook on each output projection's input; optionally, in the same
+pass, the heads' task importance (gate gradients, ``hifi_fast.importance``)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -11,6 +13,10 @@ from tqdm.auto import tqdm
 
 from .adapters import attention_layers, get_adapter
 from .backends import ops_for
+from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
+from .importance import (
+    HeadGates, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names, warm_up_task_head,
+)
 from .ops import cka_from_cross, entropy_from_grams
 from .modules import head_param_cost
 from .pagerank import pagerank
@@ -21,11 +27,13 @@ PIXEL_VALUES = "pixel_values"
 
 
 class _Accumulator:
-    """Running sums of per-example entropy and CKA for every layer, on the model's device."""
+    """Running sums of per-example entropy, CKA and (optionally) ``|dL/d xi|`` for every layer, on
+    the model's device."""
 
-    def __init__(self, num_layers: int, num_heads: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, num_heads: int, device: torch.device, importance: bool = False) -> None:
         self.entropy = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
         self.cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
+        self.importance = torch.zeros_like(self.entropy) if importance else None
         self.finite = torch.ones(num_layers, dtype=torch.bool, device=device)
         self.mask: torch.Tensor | None = None
 
@@ -41,6 +49,12 @@ class _Accumulator:
         self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
         self.cka[layer] += cka_from_cross(cross).to(torch.float64).sum(dim=0)
 
+    def add_importance(self, gate_grads: torch.Tensor) -> None:
+        """``gate_grads``: ``[L, B, H]`` per-example ``dL/d xi`` of one batch."""
+        gate_grads = gate_grads.to(self.entropy.device)
+        self.finite &= torch.isfinite(gate_grads).flatten(1).all(dim=1)
+        self.importance += gate_grads.abs().sum(dim=1)
+
     def all_reduce(self, seen: int) -> int:
         """Under ``torch.distributed``, sum every rank's statistics so all ranks select the same heads
         as one process scoring the union of the shards would; returns the total example count."""
@@ -48,8 +62,9 @@ class _Accumulator:
             return seen
         count = torch.tensor([float(seen)], dtype=torch.float64, device=self.entropy.device)
         bad = (~self.finite).to(torch.float64)
-        for tensor in (self.entropy, self.cka, count, bad):
-            dist.all_reduce(tensor)
+        for tensor in (self.entropy, self.cka, self.importance, count, bad):
+            if tensor is not None:
+                dist.all_reduce(tensor)
         self.finite = bad == 0
         return int(count.item())
 
@@ -91,13 +106,28 @@ def _check_mask(mask: torch.Tensor, index: int) -> None:
         raise ValueError(f"scoring batch {index}: examples {empty} are all padding; drop them from the scoring set")
 
 
-@torch.no_grad()
+def scoring_stream(batches: Iterable[dict], device: torch.device, num_examples: int, input_key: str,
+                    labels: bool, causal_lm: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+    """``(inputs, labels or None)`` of the batches until ``num_examples`` examples are taken (the last
+    batch cut to fit; no batch is read past it)."""
+    seen = 0
+    for index, batch in enumerate(batches):
+        inputs = _model_inputs(batch, device, index, num_examples - seen, input_key)
+        yield inputs, batch_labels(batch, inputs, index, num_examples - seen, causal_lm) if labels else None
+        seen += inputs[input_key].shape[0]
+        if seen >= num_examples:
+            return
+
+
 def score_heads(
     model: nn.Module,
     batches: Iterable[dict],
     num_examples: int = 256,
     damping: float = 0.85,
     progress: bool = False,
+    importance: bool = False,
+    warmup_steps: int = WARMUP_STEPS,
+    warmup_lr: float = WARMUP_LR,
 ) -> HeadScores:
     """Score every attention head of ``model`` on up to ``num_examples`` examples of ``batches``.
 
@@ -105,54 +135,74 @@ def score_heads(
         model: a supported ``transformers`` model; run frozen in eval mode (its mode is restored).
         batches: iterable of dicts with ``input_ids`` ``[B, T]`` and ``attention_mask`` for text
             models, ``pixel_values`` ``[B, C, H, W]`` for vision models (every token counts; other
-            keys, e.g. ``labels``, are ignored). Padding tokens take no part in any statistic.
+            keys are ignored, ``labels`` too unless ``importance``). Padding tokens take no part in
+            any statistic.
         num_examples: examples to read; the last batch is cut to fit.
         damping: PageRank damping.
         progress: show a tqdm bar.
+        importance: also measure each head's task importance (``hifi_fast.importance``): the mean
+            over the examples of ``|dL/d xi_h|`` for a gate ``xi_h = 1`` on the head's output, taken
+            in the same pass as the statistics (one forward with grad for the gates only, one
+            backward). Classifiers need ``labels`` in every batch; causal LMs predict their text
+            (or take ``labels``). A model with a separate task head first gets ``warmup_steps``
+            AdamW steps (``warmup_lr``) of training of that head alone on these examples (backbone
+            frozen), and **keeps the warmed head** (a better start for fine-tuning than a random
+            one); ``warmup_steps=0`` leaves the model untouched. The examples are then held in
+            memory (host) and the backbone's outputs of them on the model's device.
+        warmup_steps, warmup_lr: that warm-up (with ``importance`` only).
 
     Returns:
-        ``HeadScores`` with ``richness`` ``[L, H]``, ``correlation`` ``[L, H, H]``, ``pagerank`` ``[L, H]``.
+        ``HeadScores`` with ``richness`` ``[L, H]``, ``correlation`` ``[L, H, H]``, ``pagerank`` ``[L, H]``
+        and, with ``importance``, ``importance`` ``[L, H]``.
     """
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+    check_warmup(warmup_steps, warmup_lr, "score_heads: warmup")
     layers = attention_layers(model)
     input_key = get_adapter(model).input_key
     num_heads = layers[0].num_heads
     device = next(model.parameters()).device
-    acc = _Accumulator(len(layers), num_heads, device)
-    modules = dict(model.named_modules())
+    acc = _Accumulator(len(layers), num_heads, device, importance)
+    causal_lm = importance and not task_head_names(model)
+    gates = HeadGates(len(layers), num_heads) if importance else None
 
-    def hook_for(layer: int):
-        def hook(_module, args):
-            acc.add(layer, args[0], num_heads)
-        return hook
+    def observe(layer: int, context: torch.Tensor) -> torch.Tensor | None:
+        with torch.no_grad():
+            acc.add(layer, context.detach(), num_heads)
+        return None if gates is None else gates.apply(layer, context)
 
-    handles = [modules[layer.o].register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
     was_training = model.training
     model.eval()
     seen = 0
-    forward = getattr(model, "base_model", model)
     try:
-        with tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
-            for index, batch in enumerate(batches):
-                inputs = _model_inputs(batch, device, index, num_examples - seen, input_key)
+        stream = scoring_stream(batches, device, num_examples, input_key, importance, causal_lm)
+        if importance and warmup_steps and not causal_lm:
+            stream = list(stream)  # read twice: warm-up, then the scoring pass
+            warm_up_task_head(model, stream, warmup_steps, warmup_lr)
+        frozen = only_trainable(model) if importance else nullcontext()
+        with gated(model, layers, observe), frozen, \
+                tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
+            for inputs, labels in stream:
                 acc.mask = inputs.get("attention_mask")
-                forward(**inputs)
+                if gates is None:
+                    with torch.no_grad():
+                        getattr(model, "base_model", model)(**inputs)
+                else:
+                    with torch.enable_grad():
+                        loss = per_example_loss(model, logits_of(model, inputs), labels, causal_lm).sum()
+                        acc.add_importance(gates.gradients(loss))
                 taken = inputs[input_key].shape[0]
                 seen += taken
                 bar.update(taken)
-                if seen >= num_examples:
-                    break
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     seen = acc.all_reduce(seen)
     if seen == 0:
         raise ValueError("the scoring set is empty: batches yielded no example")
     bad = (~acc.finite).nonzero().flatten().tolist()
     if bad:
-        raise ValueError(f"non-finite (NaN/inf) attention outputs in layers {bad} while scoring")
+        what = "attention outputs or importance gradients" if importance else "attention outputs"
+        raise ValueError(f"non-finite (NaN/inf) {what} in layers {bad} while scoring")
     richness = acc.entropy / seen
     correlation = acc.cka / seen
     correlation.diagonal(dim1=-2, dim2=-1).fill_(1.0)
@@ -163,4 +213,15 @@ def score_heads(
         num_examples=seen,
         damping=damping,
         params_per_head=head_param_cost(model),
+        importance=None if acc.importance is None else (acc.importance / seen).cpu(),
+    )
+
+
+def score_for_config(model: nn.Module, batches: Iterable[dict], config: HiFiConfig, progress: bool = False) -> HeadScores:
+    """``score_heads`` as ``config`` asks: its number of scoring examples and damping, and head
+    importance (with its warm-up) when ``config.score == "importance"``."""
+    return score_heads(
+        model, batches, num_examples=config.num_scoring_examples, damping=config.damping, progress=progress,
+        importance=config.score == "importance", warmup_steps=config.importance_warmup_steps,
+        warmup_lr=config.importance_warmup_lr,
     )

@@ -84,8 +84,24 @@ def ranking_scores(scores: HeadScores, config: HiFiConfig) -> torch.Tensor:
         return scores.richness.to(torch.float64)
     if config.score == "correlation":
         return pagerank(scores.correlation, None, config.damping)
+    if config.score == "importance":
+        return normalised_importance(scores)
     generator = torch.Generator().manual_seed(config.seed)
     return torch.rand(scores.richness.shape, generator=generator, dtype=torch.float64)
+
+
+def normalised_importance(scores: HeadScores) -> torch.Tensor:
+    """``scores.importance`` ``[L, H]`` divided by each layer's L2 norm across heads (Michel et al.
+    2019 normalise per layer so that layers compare in a global ranking; a layer of zeros stays 0)."""
+    if scores.importance is None:
+        raise ValueError(
+            "score='importance' needs head importance in the scores, which these do not hold: compute them "
+            "with hifi_fast.score_heads(model, batches, importance=True) (or hifi_fast.scoring.score_for_config"
+            "(model, batches, config)) on scoring batches with labels"
+        )
+    importance = scores.importance.to(torch.float64)
+    norm = torch.linalg.vector_norm(importance, dim=-1, keepdim=True)
+    return torch.where(norm > 0, importance / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(importance))
 
 
 def resolve_heads_per_layer(scores: HeadScores, config: HiFiConfig) -> int:
@@ -119,7 +135,8 @@ def select_heads(scores: HeadScores, config: HiFiConfig) -> HeadSelection:
         chosen = _top_k(rank, k)
         heads = {layer: chosen[layer].tolist() for layer in range(num_layers)}
     else:
-        layer_sum = rank.sum(dim=-1, keepdim=True)
+        # importance is already normalised per layer (L2, as Michel et al.); the other scores by their sum
+        layer_sum = rank.sum(dim=-1, keepdim=True) if config.score != "importance" else torch.ones_like(rank[..., :1])
         relative = torch.where(layer_sum > 0, rank / layer_sum, torch.zeros_like(rank))
         flat = _top_k(relative.flatten(), k * num_layers).tolist()
         heads = {}

@@ -1,0 +1,260 @@
+"""Task-aware head importance (Michel, Levy & Neubig 2019, "Are Sixteen Heads Really Better than One?").
+
+Each head's context output ``C_h`` (the per-head slice of the output projection's input, where the
+scoring pass already hooks) is multiplied by a gate ``xi_h = 1``. The importance of head ``h`` is the
+expected sensitivity of the loss to that gate, ``I_h = E_x |dL(x)/d xi_h|``: gates are per example
+(``xi[b, h]``), so one backward of the summed per-example losses gives every ``dL(x_b)/d xi[b, h]``
+at once (examples do not interact in an eval-mode forward). Only the gates require grad; the
+backbone's weights stay frozen.
+
+The loss needs a trained task head: a randomly initialised classifier makes ``dL/d xi`` noise. So a
+model with a separate task head (``classifier``/``score``) first gets a short linear-probe warm-up
+(``warm_up_task_head``: AdamW on the task head alone, backbone frozen, on the scoring examples);
+the warmed head is kept, as the starting point of fine-tuning. Causal LMs have no separate head:
+their loss is next-token cross-entropy of the text itself and no warm-up runs.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from .adapters import attention_layers, get_adapter
+
+IGNORE_INDEX = -100
+
+
+def task_head_names(model: nn.Module) -> list[str]:
+    """The model's separate task head modules (``[]`` for causal LMs, whose LM head is the loss's)."""
+    return get_adapter(model).default_modules_to_save(model)
+
+
+def batch_labels(batch: Mapping, inputs: dict[str, torch.Tensor], index: int, limit: int,
+                 causal_lm: bool) -> torch.Tensor:
+    """The labels of one scoring batch, cut to ``limit`` examples, on the inputs' device.
+
+    Classifiers need ``labels``. A causal LM takes ``labels`` when given (a collator's, prompt masked
+    with -100) and else predicts its own text: ``input_ids`` with padding set to -100."""
+    device = next(iter(inputs.values())).device
+    if "labels" in batch:
+        return torch.as_tensor(batch["labels"])[:limit].to(device, non_blocking=True)
+    if not causal_lm:
+        raise ValueError(
+            f"score='importance' needs labels: scoring batch {index} has no 'labels' entry (keys: {sorted(batch)}); "
+            "the importance of a head is the loss's sensitivity to it, and a classifier's loss needs the labels"
+        )
+    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
+
+
+def _mean_per_example(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B]``: the mean of ``values`` ``[B, ...]`` over each example's ``valid`` entries (0 if none)."""
+    values = torch.where(valid, values, torch.zeros_like(values)).reshape(values.shape[0], -1)
+    count = valid.reshape(valid.shape[0], -1).sum(dim=1)
+    return values.sum(dim=1) / count.clamp_min(1)
+
+
+def per_example_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, causal_lm: bool) -> torch.Tensor:
+    """``[B]`` loss of each example, in float32 (float64 for a float64 model).
+
+    - causal LM: next-token cross-entropy (logits at ``t`` predict ``labels`` at ``t + 1``), the
+      mean over the example's targets (labels -100 are not targets);
+    - classifier: as ``transformers`` defines it from ``config.problem_type`` (inferred as it does
+      when unset): regression (MSE), single-label (cross-entropy; token classification: mean over the
+      tokens not labelled -100) or multi-label (binary cross-entropy, mean over the labels).
+    """
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logits = logits.to(dtype)
+    if causal_lm:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    num_labels = logits.shape[-1]
+    problem = getattr(getattr(model, "config", None), "problem_type", None)
+    if causal_lm:
+        problem = "single_label_classification"
+    elif problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "single_label_classification":
+        labels = labels.long()
+        losses = F.cross_entropy(logits.reshape(-1, num_labels), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(labels.shape)
+        return _mean_per_example(losses, labels != IGNORE_INDEX)
+    target = labels.to(dtype)
+    if problem == "regression":
+        prediction = logits.squeeze(-1) if num_labels == 1 else logits
+        losses = F.mse_loss(prediction, target.view(prediction.shape), reduction="none")
+    else:
+        losses = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return _mean_per_example(losses, torch.ones_like(losses, dtype=torch.bool))
+
+
+class HeadGates:
+    """Per-example gates ``xi[b, h] = 1`` on every layer's head outputs; one leaf tensor per layer,
+    made at the layer's first forward (on its device, in its dtype)."""
+
+    def __init__(self, num_layers: int, num_heads: int) -> None:
+        self.num_heads = num_heads
+        self.leaves: list[torch.Tensor | None] = [None] * num_layers
+
+    def apply(self, layer: int, context: torch.Tensor) -> torch.Tensor:
+        """``context`` ``[B, T, H * d]`` with head ``h`` of example ``b`` multiplied by ``xi[b, h]``."""
+        batch, tokens, width = context.shape
+        gate = torch.ones(batch, self.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
+        self.leaves[layer] = gate
+        heads = context.view(batch, tokens, self.num_heads, width // self.num_heads)
+        return (heads * gate[:, None, :, None]).view(batch, tokens, width)
+
+    def gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """``[L, B, H]`` float64 ``d loss / d xi`` (every layer must have run since the last call)."""
+        missing = [i for i, leaf in enumerate(self.leaves) if leaf is None]
+        if missing:
+            raise RuntimeError(f"attention layers {missing} did not run in the forward pass")
+        grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
+        out = torch.stack([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(self.leaves, grads)])
+        self.leaves = [None] * len(self.leaves)
+        return out.to(torch.float64)
+
+
+@contextmanager
+def only_trainable(model: nn.Module, names: list[str] = ()):
+    """Inside: only the modules ``names`` (none: nothing) require grad; every flag is restored after."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modules = dict(model.named_modules())
+    try:
+        for param, _ in flags:
+            param.requires_grad_(False)
+        for name in names:
+            modules[name].requires_grad_(True)
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's output logits, or a clear error for a model without a task or LM head."""
+    logits = getattr(model(**inputs), "logits", None)
+    if logits is None:
+        raise ValueError(
+            f"score='importance' needs a model whose output has logits (a task head or an LM head); "
+            f"{type(model).__name__} has none"
+        )
+    return logits
+
+
+def head_gate_gradients(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """``[B, L, H]`` signed ``dL(x_b)/d xi[b, h]`` of one batch (labels as ``batch_labels`` takes them),
+    computed as the scoring pass computes them. For analysis and tests; the model runs as it is."""
+    from .scoring import scoring_stream  # scoring imports this module
+
+    layers = attention_layers(model)
+    causal_lm = not task_head_names(model)
+    device = next(model.parameters()).device
+    inputs, labels = next(scoring_stream([batch], device, 1 << 62, get_adapter(model).input_key, True, causal_lm))
+    gates = HeadGates(len(layers), layers[0].num_heads)
+    with gated(model, layers, gates.apply), only_trainable(model), torch.enable_grad():
+        loss = per_example_loss(model, logits_of(model, inputs), labels, causal_lm).sum()
+        return gates.gradients(loss).transpose(0, 1)
+
+
+@contextmanager
+def gated(model: nn.Module, layers, transform: Callable[[int, torch.Tensor], torch.Tensor | None]):
+    """Inside: each layer's output projection sees ``transform(layer, context)`` (``None``: unchanged)."""
+    modules = dict(model.named_modules())
+
+    def hook_for(layer: int):
+        def hook(_module, args):
+            out = transform(layer, args[0])
+            return None if out is None else (out,) + tuple(args[1:])
+        return hook
+
+    handles = [modules[layer.o].register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _backbone(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "base_model", model)
+    return None if base is model else base
+
+
+def _detached(output) -> ModelOutput | None:
+    """The tensors of a backbone's output, detached (caches, hidden-state tuples dropped), or
+    ``None`` when the output is not a ``ModelOutput`` (then the warm-up runs the whole model)."""
+    if not isinstance(output, ModelOutput):
+        return None
+    return type(output)(**{k: v.detach() for k, v in output.items() if torch.is_tensor(v)})
+
+
+@contextmanager
+def _replaying(module: nn.Module | None, output: ModelOutput | None):
+    """Inside: ``module`` does not run; its forward returns ``output`` (no-op when either is None)."""
+    if module is None or output is None:
+        yield
+        return
+    saved = module.__dict__.get("forward")  # an instance-level forward (e.g. accelerate's) is kept
+    module.forward = lambda *args, **kwargs: output
+    try:
+        yield
+    finally:
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def warm_up_task_head(model: nn.Module, batches: list[tuple[dict, torch.Tensor]], steps: int, lr: float) -> None:
+    """Train the task head alone (backbone frozen, model as it is, e.g. eval mode) for ``steps``
+    AdamW steps, cycling over ``batches`` (``(inputs, labels)`` on the model's device).
+
+    The backbone runs once per batch: its outputs are cached and replayed, so each step costs only
+    the task head. Under ``torch.distributed`` every rank starts from rank 0's head and averages the
+    head's gradients each step (data-parallel), so all ranks keep the same head. Nothing is restored:
+    the warmed head is the starting point of fine-tuning."""
+    names = task_head_names(model)
+    if steps == 0 or not names or not batches:
+        return
+    backbone = _backbone(model)
+    cache: list[ModelOutput | None] = []
+    if backbone is not None:
+        handle = backbone.register_forward_hook(lambda _m, _args, output: cache.append(_detached(output)))
+        try:
+            with torch.no_grad():
+                for inputs, _ in batches:
+                    model(**inputs)
+        finally:
+            handle.remove()
+    params = [p for name in names for p in dict(model.named_modules())[name].parameters()]
+    if _distributed():
+        for param in params:
+            dist.broadcast(param.data, src=0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    with only_trainable(model, names), torch.enable_grad():
+        for step in range(steps):
+            inputs, labels = batches[step % len(batches)]
+            with _replaying(backbone, cache[step % len(batches)] if cache else None):
+                logits = logits_of(model, inputs)
+            loss = per_example_loss(model, logits, labels, causal_lm=False).mean()
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            if _distributed():
+                for param in params:
+                    dist.all_reduce(param.grad)
+                    param.grad /= dist.get_world_size()
+            optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
