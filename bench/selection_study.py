@@ -303,6 +303,19 @@ class SelectionStudy:
     def key(task: str, size: int, split: str, method: str, lr: float, seed: int) -> str:
         return f"{task}/n{size}/{split}/{method}/lr{lr:g}/seed{seed}"
 
+    def forget(self, patterns: Sequence[str]) -> int:
+        """Drop the records whose key matches a glob (e.g. ``*/hifi-pagerank/*`` after the score's
+        definition changed), so that the next run makes them again; returns how many."""
+        from fnmatch import fnmatch
+
+        gone = [k for k in self.records if any(fnmatch(k, p) for p in patterns)]
+        for key in gone:
+            del self.records[key]
+        tmp = self.records_path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records.values()))
+        tmp.replace(self.records_path)
+        return len(gone)
+
     # --------------------------------------------------------------------------------- running
 
     def argv(self, task: str, size: int, split: str, method: Method, lr: float, seed: int) -> list[str]:
@@ -792,6 +805,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-size", type=int, default=1000)
     parser.add_argument("--plan", action="store_true", help="print what is done and what remains; run nothing")
     parser.add_argument("--report", action="store_true", help="rewrite the report from the records; run nothing")
+    parser.add_argument("--forget", action="append", default=[], metavar="GLOB",
+                        help="drop the records whose key (task/nSIZE/split/method/lrLR/seedS) matches, e.g. "
+                        "'*/hifi-pagerank/*' after a score's definition changed; they run again")
     parser.add_argument("--verbose", action="store_true", help="the runs' own progress output")
     args = parser.parse_args(argv)
     tasks, sizes, seeds = parse_list(args.tasks), parse_list(args.sizes, int), parse_list(args.seeds, int)
@@ -801,6 +817,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     study = SelectionStudy(args.runs_dir, args.docs_dir, model=args.model, threads=args.threads, steps=args.steps,
                            eval_size=args.eval_size, val_size=args.val_size, quiet=not args.verbose)
+    if args.forget:
+        print(f"forgot {study.forget(args.forget)} record(s)")
     if args.plan:
         done, left, keys = study.plan(tasks, sizes, seeds, methods)
         print("\n".join(keys))

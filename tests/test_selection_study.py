@@ -102,3 +102,5 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch): 
     assert again.records == study.records
     done, left, keys = again.plan(["tiny"], [8, 16], [0, 1], methods)
     assert left == len(keys) and all("/n16/" in key for key in keys) and done == len(records)
+    assert again.forget(["*/hifi-pagerank/*"]) == 2
+    assert len(make_study(tmp_path, tiny_model_dir).records) == len(records) - 2
