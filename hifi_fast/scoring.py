@@ -147,8 +147,8 @@ def score_heads(
             (or take ``labels``). A model with a separate task head first gets ``warmup_steps``
             AdamW steps (``warmup_lr``) of training of that head alone on these examples (backbone
             frozen), and **keeps the warmed head** (a better start for fine-tuning than a random
-            one); ``warmup_steps=0`` leaves the model untouched. The examples are then held in
-            memory (host) and the backbone's outputs of them on the model's device.
+            one); ``warmup_steps=0`` leaves the model untouched. For the warm-up the scoring
+            examples and the backbone's outputs of them are held on the model's device.
         warmup_steps, warmup_lr: that warm-up (with ``importance`` only).
 
     Returns:
