@@ -11,7 +11,7 @@ from torch import nn
 from .adapters import ProjectionSlice, attention_layers, get_adapter
 from .config import HiFiConfig
 from .modules import HeadSliceMixin, convert, whole_tensor
-from .scoring import score_heads
+from .scoring import score_for_config
 from .selection import HeadSelection, select_heads
 
 STATE_ATTR = "hifi_state"
@@ -135,7 +135,7 @@ def patch(
         if batches is None:
             raise ValueError("patch(model, HiFiConfig) needs batches= to score the heads on")
         config = selection
-        scores = score_heads(model, batches, num_examples=config.num_scoring_examples, damping=config.damping)
+        scores = score_for_config(model, batches, config)
         selection = select_heads(scores, config)
         if modules_to_save is None:
             modules_to_save = config.modules_to_save

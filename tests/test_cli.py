@@ -233,3 +233,12 @@ def test_other_runnable_tasks_reads_proc():
     if not os.path.exists("/proc/loadavg"):
         pytest.skip("no /proc here")
     assert 0 <= other_runnable_tasks() < 10_000
+
+
+def test_finetune_with_the_task_aware_importance_score(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "importance"
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--score", "importance", "--heads-per-layer", "1",
+                                  "--epochs", "1", "--no-save")) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["scores"]["importance"] is not None
+    assert json.loads((out / "run_config.json").read_text())["hifi_config"]["score"] == "importance"

@@ -284,8 +284,6 @@ def test_score_for_config_and_patch():
     assert score_for_config(tiny_model("bert"), _batches(), hifi_fast.HiFiConfig()).importance is None
 
 
-@pytest.mark.xfail(reason="hifi_fast.patch scores with score_heads(num_examples, damping) only; it needs "
-                          "score_for_config(model, batches, config) to compute importance (patching.py)", strict=False)
 def test_patch_with_importance_config():
     cfg = hifi_fast.HiFiConfig(heads_per_layer=2, score="importance", importance_warmup_steps=10)
     model = hifi_fast.patch(tiny_model("bert"), cfg, batches=_batches())

@@ -15,6 +15,7 @@ def setup_method(model, method: str, args, train_data, console: Console, progres
     import hifi_fast
     from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
     from hifi_fast.data import iter_batches
+    from hifi_fast.scoring import score_for_config
 
     info: dict = {}
     if method == "hifi" and args.resume:  # the heads the interrupted run selected
@@ -29,8 +30,7 @@ def setup_method(model, method: str, args, train_data, console: Console, progres
         )
         start = time.perf_counter()
         batches = iter_batches(train_data, args.batch_size)
-        scores = hifi_fast.score_heads(model, batches, num_examples=config.num_scoring_examples,
-                                       damping=config.damping, progress=progress)
+        scores = score_for_config(model, batches, config, progress=progress)
         selection = hifi_fast.select_heads(scores, config)
         info["scoring_time_s"] = time.perf_counter() - start
         hifi_fast.patch(model, selection)

@@ -53,8 +53,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
     hifi = parser.add_argument_group("HiFi")
     hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
-    hifi.add_argument("--score", default="pagerank", choices=("pagerank", "richness", "correlation", "random"),
-                      help="head ranking (default: pagerank)")
+    hifi.add_argument("--score", default="pagerank",
+                      choices=("pagerank", "richness", "correlation", "random", "importance"),
+                      help="head ranking (default: pagerank); importance: task-aware gradient importance of each "
+                      "head's output (Michel et al. 2019) after a short warm-up of the classifier, which is kept")
     hifi.add_argument("--selection", default="per_layer", choices=("per_layer", "global"),
                       help="top k per layer, or top k*L overall (default: per_layer)")
     hifi.add_argument("--scoring-examples", type=int, default=256,
