@@ -380,10 +380,12 @@ class SelectionStudy:
         cache_key = (task, size, seed)
         if cache_key not in self._predicted:
             import hifi_fast
+            from hifi_fast.cli.console import quiet_transformers
             from hifi_fast.cli.loading import load_classifier, load_tokenizer, resolve_model_path
             from hifi_fast.cli.parse import build_parser
             from hifi_fast.data import encode, iter_batches, load_data
 
+            quiet_transformers(self.quiet)
             args = build_parser().parse_args(self.argv(task, size, "val", BY_NAME[CONTROL], 1.0, seed))
             splits = load_data(args.train, args.eval, max_train_examples=None, max_eval_examples=None, seed=seed)
             path = resolve_model_path(args.model)
@@ -539,6 +541,7 @@ def _plot(runs: dict, path: Path) -> None:
             ax.errorbar(sizes, means, yerr=[0 if math.isnan(h) else h for h in halves], marker="o", capsize=3,
                         label=method, linestyle="--" if not method.startswith("hifi-") else "-")
         ax.set_xscale("log", base=2)
+        ax.set_xlim(SIZES[0] / 1.5, SIZES[-1] * 1.5)
         ax.set_xticks(SIZES, [str(s) for s in SIZES])
         ax.set_xlabel("training examples (class-balanced)")
         ax.set_ylabel("eval accuracy, % (mean, 95% t-interval over seeds)")
@@ -565,8 +568,12 @@ def _markdown(study: SelectionStudy, runs: dict) -> str:
         "[`selection_study/results.csv`](selection_study/results.csv)).",
     ]
     if pending:
-        lines += ["", f"**Pending:** {', '.join(pending)}: the installed `hifi_fast` has no `--score` "
-                  f"{', '.join(p.removeprefix('hifi-') for p in pending)} yet; the study runs it once it has."]
+        lines += ["", f"**Pending:** {', '.join(pending)}: `hifi-fast finetune`, through which every run goes, has "
+                  f"no `--score {'/'.join(p.removeprefix('hifi-') for p in pending)}` in the `hifi_fast` these runs "
+                  "used; the study runs it as soon as the option exists (`python -m bench.selection_study` detects it)."]
+    notes = study.out_dir / "notes.md"  # the hand-written reading of the numbers below
+    if notes.exists():
+        lines += ["", "## Summary", "", notes.read_text().strip()]
     lines += _status_lines(study, runs)
     lines += _setup_lines(study)
     lines += _result_lines(study, runs)
@@ -575,9 +582,6 @@ def _markdown(study: SelectionStudy, runs: dict) -> str:
     lines += _pair_lines(runs)
     lines += _validation_lines(study)
     lines += _cost_lines(study)
-    notes = study.out_dir / "notes.md"
-    if notes.exists():
-        lines += ["", "## Notes", "", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -732,7 +736,8 @@ def _validation_lines(study: SelectionStudy) -> list[str]:
         chosen = study.chosen_lr(task, size, BY_NAME[name], tune=False)
         cells = [f"**{lr:g}: {100 * r['accuracy']:.2f}**" if lr == chosen else f"{lr:g}: {100 * r['accuracy']:.2f}"
                  for lr, r in sorted(by_lr.items())]
-        lines.append(f"| {task} | {size} | {name} | {', '.join(cells)} |")
+        edge = " (at the edge of the rates tried)" if chosen in (min(by_lr), max(by_lr)) and len(by_lr) > 1 else ""
+        lines.append(f"| {task} | {size} | {name} | {', '.join(cells)}{edge} |")
     return _section("Learning rates on the validation split",
                     f"Validation accuracy of each rate tried, training on seed {TUNE_SEED}'s training set; the chosen "
                     "rate in bold.", ("task", "size", "method", "rate: validation accuracy %"), lines)
