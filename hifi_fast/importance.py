@@ -10,8 +10,9 @@ backbone's weights stay frozen.
 The loss needs a trained task head: a randomly initialised classifier makes ``dL/d xi`` noise. So a
 model with a separate task head (``classifier``/``score``) first gets a short linear-probe warm-up
 (``warm_up_task_head``: AdamW on the task head alone, backbone frozen, on the scoring examples);
-the warmed head is kept, as the starting point of fine-tuning. Causal LMs have no separate head:
-their loss is next-token cross-entropy of the text itself and no warm-up runs.
+the warmed head is kept as the starting point of fine-tuning unless the caller restores it
+(``task_head_restorer``). Causal LMs have no separate head: their loss is next-token cross-entropy
+of the text itself and no warm-up runs.
 """
 from __future__ import annotations
 
@@ -216,6 +217,20 @@ def _replaying(module: nn.Module | None, output: ModelOutput | None):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def task_head_restorer(model: nn.Module) -> Callable[[], None]:
+    """A function that puts the task head's current parameters and buffers back (a copy of the head
+    only: it is small beside the backbone)."""
+    modules = dict(model.named_modules())
+    saved = {name: {k: v.detach().clone() for k, v in modules[name].state_dict().items()}
+             for name in task_head_names(model)}
+
+    def restore() -> None:
+        for name, state in saved.items():
+            modules[name].load_state_dict(state)
+
+    return restore
 
 
 def warm_up_task_head(model: nn.Module, batches: list[tuple[dict, torch.Tensor]], steps: int, lr: float) -> None:

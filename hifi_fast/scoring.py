@@ -15,7 +15,8 @@ from .adapters import attention_layers, get_adapter
 from .backends import ops_for
 from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
 from .importance import (
-    HeadGates, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names, warm_up_task_head,
+    HeadGates, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names, task_head_restorer,
+    warm_up_task_head,
 )
 from .ops import cka_from_cross, entropy_from_grams
 from .modules import head_param_cost
@@ -128,6 +129,7 @@ def score_heads(
     importance: bool = False,
     warmup_steps: int = WARMUP_STEPS,
     warmup_lr: float = WARMUP_LR,
+    keep_warmed_head: bool = True,
 ) -> HeadScores:
     """Score every attention head of ``model`` on up to ``num_examples`` examples of ``batches``.
 
@@ -146,10 +148,12 @@ def score_heads(
             backward). Classifiers need ``labels`` in every batch; causal LMs predict their text
             (or take ``labels``). A model with a separate task head first gets ``warmup_steps``
             AdamW steps (``warmup_lr``) of training of that head alone on these examples (backbone
-            frozen), and **keeps the warmed head** (a better start for fine-tuning than a random
-            one); ``warmup_steps=0`` leaves the model untouched. For the warm-up the scoring
-            examples and the backbone's outputs of them are held on the model's device.
+            frozen), and by default **keeps the warmed head** as the start of fine-tuning;
+            ``warmup_steps=0`` leaves the model untouched. For the warm-up the scoring examples and
+            the backbone's outputs of them are held on the model's device.
         warmup_steps, warmup_lr: that warm-up (with ``importance`` only).
+        keep_warmed_head: ``False`` puts the task head's values from before the warm-up back once
+            the scores are taken (the model leaves as it came in).
 
     Returns:
         ``HeadScores`` with ``richness`` ``[L, H]``, ``correlation`` ``[L, H, H]``, ``pagerank`` ``[L, H]``
@@ -174,6 +178,8 @@ def score_heads(
     was_training = model.training
     model.eval()
     seen = 0
+    # without keep_warmed_head the warm-up serves the scores only: the head's values go back after
+    restore_head = task_head_restorer(model) if importance and warmup_steps and not keep_warmed_head else _no_op
     try:
         stream = scoring_stream(batches, device, num_examples, input_key, importance, causal_lm)
         if importance and warmup_steps and not causal_lm:
@@ -196,6 +202,7 @@ def score_heads(
                 bar.update(taken)
     finally:
         model.train(was_training)
+        restore_head()
     seen = acc.all_reduce(seen)
     if seen == 0:
         raise ValueError("the scoring set is empty: batches yielded no example")
@@ -217,11 +224,15 @@ def score_heads(
     )
 
 
+def _no_op() -> None:
+    pass
+
+
 def score_for_config(model: nn.Module, batches: Iterable[dict], config: HiFiConfig, progress: bool = False) -> HeadScores:
     """``score_heads`` as ``config`` asks: its number of scoring examples and damping, and head
     importance (with its warm-up) when ``config.score == "importance"``."""
     return score_heads(
         model, batches, num_examples=config.num_scoring_examples, damping=config.damping, progress=progress,
         importance=config.score == "importance", warmup_steps=config.importance_warmup_steps,
-        warmup_lr=config.importance_warmup_lr,
+        warmup_lr=config.importance_warmup_lr, keep_warmed_head=config.keep_warmed_head,
     )

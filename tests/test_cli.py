@@ -242,3 +242,7 @@ def test_finetune_with_the_task_aware_importance_score(tiny_model_dir, tiny_csv,
     selection = json.loads((out / "selection.json").read_text())
     assert selection["scores"]["importance"] is not None
     assert json.loads((out / "run_config.json").read_text())["hifi_config"]["score"] == "importance"
+    initial = tmp_path / "initial"
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, initial, "--score", "importance", "--heads-per-layer",
+                                  "1", "--importance-head", "initial", "--epochs", "1", "--no-save")) == 0
+    assert json.loads((initial / "run_config.json").read_text())["hifi_config"]["keep_warmed_head"] is False

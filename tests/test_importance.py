@@ -201,6 +201,27 @@ def test_warmup_trains_only_the_task_head_and_keeps_it():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.items())
 
 
+def test_warmed_head_restored_when_not_kept():
+    """keep_warmed_head=False: the warm-up still shapes the scores (equal to the kept run's) but the
+    model leaves the scoring pass bit for bit as it came in."""
+    batches = _batches()
+    kept_model, restored_model = tiny_model("bert"), tiny_model("bert")
+    before = {k: v.clone() for k, v in restored_model.state_dict().items()}
+    warmup = dict(importance=True, warmup_steps=30, warmup_lr=1e-2)
+    kept = hifi_fast.score_heads(kept_model, batches, **warmup)
+    restored = hifi_fast.score_heads(restored_model, batches, keep_warmed_head=False, **warmup)
+    assert torch.equal(kept.importance, restored.importance)
+    assert all(torch.equal(v, restored_model.state_dict()[k]) for k, v in before.items())
+    assert not torch.equal(kept_model.classifier.weight, restored_model.classifier.weight)
+    # the config carries it to patch()
+    cfg = hifi_fast.HiFiConfig(heads_per_layer=1, score="importance", importance_warmup_steps=30,
+                               keep_warmed_head=False)
+    model = tiny_model("bert")
+    head = model.classifier.weight.clone()
+    hifi_fast.patch(model, cfg, batches=batches)
+    assert torch.equal(model.classifier.weight, head)
+
+
 @pytest.mark.parametrize("family", ["bert", "distilbert", "llama"])
 def test_warmup_replaying_the_backbone_equals_running_it(family, monkeypatch):
     """The warm-up runs the backbone once and replays its outputs; running the whole model every
@@ -269,6 +290,8 @@ def test_errors():
         hifi_fast.HiFiConfig(score="importance", importance_warmup_steps=-1)
     with pytest.raises(ValueError, match="importance_warmup_lr must be a positive number"):
         hifi_fast.HiFiConfig(importance_warmup_lr=0.0)
+    with pytest.raises(ValueError, match="keep_warmed_head must be True or False"):
+        hifi_fast.HiFiConfig(keep_warmed_head="no")
     with pytest.raises(ValueError, match="warmup_steps must be an integer >= 0"):
         hifi_fast.score_heads(model, _batches(), importance=True, warmup_steps=1.5)
 

@@ -87,7 +87,6 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch): 
     report = (tmp_path / "docs" / "selection_study.md").read_text()
     assert "## Paired differences against random heads" in report
     assert "hifi-pagerank − hifi-random" in report and "frozen − hifi-random" in report
-    assert "**Pending:** hifi-importance" in report or "importance" in study_module.hifi_score_choices()
     assert (tmp_path / "docs" / "selection_study" / "accuracy_vs_size.png").stat().st_size > 0
     csv_rows = (tmp_path / "docs" / "selection_study" / "results.csv").read_text().splitlines()
     assert len(csv_rows) == len(records) + 1

@@ -56,7 +56,10 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     hifi.add_argument("--score", default="pagerank",
                       choices=("pagerank", "richness", "correlation", "random", "importance"),
                       help="head ranking (default: pagerank); importance: task-aware gradient importance of each "
-                      "head's output (Michel et al. 2019) after a short warm-up of the classifier, which is kept")
+                      "head's output (Michel et al. 2019) after a short warm-up of the classifier")
+    hifi.add_argument("--importance-head", default="warmed", choices=("warmed", "initial"),
+                      help="--score importance: fine-tune from the warmed classifier (default) or from the one the "
+                      "model had before scoring")
     hifi.add_argument("--selection", default="per_layer", choices=("per_layer", "global"),
                       help="top k per layer, or top k*L overall (default: per_layer)")
     hifi.add_argument("--scoring-examples", type=int, default=256,
