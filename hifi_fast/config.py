@@ -28,7 +28,8 @@ class HiFiConfig:
               method section could not be read to check this form equation by equation; see
               ``docs/paper_comparison.md``.
             - ``"richness"``, ``"correlation"`` (PageRank with a uniform teleport), ``"random"``
-              (seeded): the paper's ablations.
+              (seeded): the paper's ablations. ``"random"`` depends on the model's shape and
+              ``seed`` only, so ``patch`` runs no scoring pass for it (no batches needed).
             - ``"importance"``: task-aware gradient importance (Michel, Levy & Neubig 2019): the
               mean over the scoring examples of ``|dL/d xi_h|`` for a gate ``xi_h = 1`` on each
               head's output, normalised per layer by its L2 norm across heads. Needs labelled

@@ -11,8 +11,8 @@ from torch import nn
 from .adapters import ProjectionSlice, attention_layers, get_adapter
 from .config import HiFiConfig
 from .modules import HeadSliceMixin, convert, whole_tensor
-from .scoring import score_for_config
-from .selection import HeadSelection, select_heads
+from .scoring import select_for_config
+from .selection import HeadSelection
 
 STATE_ATTR = "hifi_state"
 
@@ -121,7 +121,8 @@ def patch(
     Args:
         model: a supported ``transformers`` model (see ``hifi_fast.SUPPORTED_MODEL_TYPES``).
         selection: a ``HeadSelection``, or a ``HiFiConfig`` to score ``batches`` and select by.
-        batches: scoring batches (dicts with ``input_ids``/``attention_mask``, or ``pixel_values``), with a config only.
+        batches: scoring batches (dicts with ``input_ids``/``attention_mask``, or ``pixel_values``), with a config
+            only; ``score="random"`` needs none (no scoring pass).
         modules_to_save: modules trained in full; default: the config's, else the task head.
         master_dtype: dtype of the trainable slices; default: the config's, else the model's.
 
@@ -132,11 +133,8 @@ def patch(
     if is_patched(model):
         raise ValueError("model is already patched by hifi_fast; call hifi_fast.unpatch(model) first")
     if isinstance(selection, HiFiConfig):
-        if batches is None:
-            raise ValueError("patch(model, HiFiConfig) needs batches= to score the heads on")
         config = selection
-        scores = score_for_config(model, batches, config)
-        selection = select_heads(scores, config)
+        selection = select_for_config(model, batches, config)
         if modules_to_save is None:
             modules_to_save = config.modules_to_save
         if master_dtype is None:

@@ -22,6 +22,7 @@ from .ops import cka_from_cross, entropy_from_grams
 from .modules import head_param_cost
 from .pagerank import pagerank
 from .scores import HeadScores
+from .selection import HeadSelection, select_heads, select_random_heads
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 PIXEL_VALUES = "pixel_values"
@@ -236,3 +237,17 @@ def score_for_config(model: nn.Module, batches: Iterable[dict], config: HiFiConf
         importance=config.score == "importance", warmup_steps=config.importance_warmup_steps,
         warmup_lr=config.importance_warmup_lr, keep_warmed_head=config.keep_warmed_head,
     )
+
+
+def select_for_config(model: nn.Module, batches: Iterable[dict] | None, config: HiFiConfig,
+                      progress: bool = False) -> HeadSelection:
+    """The heads ``config`` selects in ``model``: scored on ``batches`` (``score_for_config``), except
+    for ``score="random"``, which depends on the model's geometry and the seed only and runs no
+    scoring pass (``batches`` unused, may be ``None``; the selection then holds no scores)."""
+    if config.score == "random":
+        layers = attention_layers(model)
+        return select_random_heads(len(layers), layers[0].num_heads, head_param_cost(model), config)
+    if batches is None:
+        raise ValueError(f"score={config.score!r} needs scoring batches (batches=...) to score the heads on; "
+                         "only score='random' selects without them")
+    return select_heads(score_for_config(model, batches, config, progress=progress), config)

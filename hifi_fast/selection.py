@@ -86,8 +86,13 @@ def ranking_scores(scores: HeadScores, config: HiFiConfig) -> torch.Tensor:
         return pagerank(scores.correlation, None, config.damping)
     if config.score == "importance":
         return normalised_importance(scores)
-    generator = torch.Generator().manual_seed(config.seed)
-    return torch.rand(scores.richness.shape, generator=generator, dtype=torch.float64)
+    return random_ranking(*scores.richness.shape, config.seed)
+
+
+def random_ranking(num_layers: int, num_heads: int, seed: int) -> torch.Tensor:
+    """``score="random"``: a seeded ``[L, H]`` draw that depends on nothing but the shape and seed."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((num_layers, num_heads), generator=generator, dtype=torch.float64)
 
 
 def normalised_importance(scores: HeadScores) -> torch.Tensor:
@@ -104,19 +109,18 @@ def normalised_importance(scores: HeadScores) -> torch.Tensor:
     return torch.where(norm > 0, importance / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(importance))
 
 
-def resolve_heads_per_layer(scores: HeadScores, config: HiFiConfig) -> int:
+def resolve_heads_per_layer(num_layers: int, num_heads: int, params_per_head: int, config: HiFiConfig) -> int:
     """``k`` from the config, checked against the model, or derived from the parameter budget."""
-    num_layers, num_heads = scores.richness.shape
     if config.heads_per_layer is not None:
         k = config.heads_per_layer
         if k > num_heads:
             raise ValueError(f"heads_per_layer={k} exceeds the model's {num_heads} heads per layer")
         return k
-    k = min(num_heads, config.trainable_param_budget // (num_layers * scores.params_per_head))
+    k = min(num_heads, config.trainable_param_budget // (num_layers * params_per_head))
     if k < 1:
         raise ValueError(
             f"trainable_param_budget={config.trainable_param_budget} is below one head per layer "
-            f"({num_layers} layers x {scores.params_per_head} parameters per head)"
+            f"({num_layers} layers x {params_per_head} parameters per head)"
         )
     return k
 
@@ -128,8 +132,22 @@ def _top_k(values: torch.Tensor, k: int) -> torch.Tensor:
 
 def select_heads(scores: HeadScores, config: HiFiConfig) -> HeadSelection:
     """Select heads by ``config`` from ``scores`` (DESIGN §1.5)."""
-    k = resolve_heads_per_layer(scores, config)
-    rank = ranking_scores(scores, config).cpu()
+    num_layers, num_heads = scores.richness.shape
+    k = resolve_heads_per_layer(num_layers, num_heads, scores.params_per_head, config)
+    return _select(ranking_scores(scores, config).cpu(), k, config, scores)
+
+
+def select_random_heads(num_layers: int, num_heads: int, params_per_head: int, config: HiFiConfig) -> HeadSelection:
+    """``score="random"`` without a scoring pass: the heads ``select_heads`` picks for that score from
+    any scores of a model with this geometry (``hifi_fast.patch`` calls it with the model's)."""
+    if config.score != "random":
+        raise ValueError(f"select_random_heads: config.score is {config.score!r}; it selects for 'random' only")
+    k = resolve_heads_per_layer(num_layers, num_heads, params_per_head, config)
+    return _select(random_ranking(num_layers, num_heads, config.seed), k, config, None)
+
+
+def _select(rank: torch.Tensor, k: int, config: HiFiConfig, scores: HeadScores | None) -> HeadSelection:
+    """Top ``k`` of every layer, or the top ``k * L`` overall, of the ``[L, H]`` ranking."""
     num_layers, num_heads = rank.shape
     if config.selection == "per_layer":
         chosen = _top_k(rank, k)

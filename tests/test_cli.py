@@ -16,6 +16,7 @@ from hifi_fast.cli.compare import argv_for  # noqa: E402
 from hifi_fast.cli.parse import normalise_argv  # noqa: E402
 from hifi_fast.data import encode, load_data  # noqa: E402
 from hifi_fast.train import evaluate  # noqa: E402
+from conftest import random_scores  # noqa: E402
 
 POSITIVE = ["good", "great", "love", "happy", "nice", "wonderful"]
 NEGATIVE = ["bad", "awful", "hate", "sad", "terrible", "boring"]
@@ -233,6 +234,18 @@ def test_other_runnable_tasks_reads_proc():
     if not os.path.exists("/proc/loadavg"):
         pytest.skip("no /proc here")
     assert 0 <= other_runnable_tasks() < 10_000
+
+
+def test_finetune_with_random_heads_skips_the_scoring_pass(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "random"
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--score", "random", "--heads-per-layer", "2",
+                                  "--seed", "3", "--epochs", "1", "--no-save")) == 0
+    selection = hifi_fast.HeadSelection.from_json((out / "selection.json").read_text())
+    expected = hifi_fast.select_heads(random_scores(num_layers=2, num_heads=4),
+                                      hifi_fast.HiFiConfig(heads_per_layer=2, score="random", seed=3))
+    assert selection == expected and selection.scores is None
+    assert not (out / "heads.png").exists()
+    assert json.loads((out / "metrics.json").read_text())["scoring_time_s"] < 0.05
 
 
 def test_finetune_with_the_task_aware_importance_score(tiny_model_dir, tiny_csv, tmp_path):

@@ -143,7 +143,7 @@ def test_patch_twice_and_unpatch_unpatched():
     "args, kwargs, error, message",
     [
         (({0: [1]},), {}, TypeError, "selection must be a HeadSelection or HiFiConfig, got dict"),
-        ((hifi_fast.HiFiConfig(),), {}, ValueError, "needs batches= to score the heads on"),
+        ((hifi_fast.HiFiConfig(),), {}, ValueError, "score=.pagerank. needs scoring batches .batches=...."),
         ((hifi_fast.HeadSelection({0: [1]}),), {"modules_to_save": ["nope"]}, ValueError, r"modules_to_save names \['nope'\]"),
         ((hifi_fast.HiFiConfig(heads_per_layer=5),), {"batches": [tiny_batch()]}, ValueError, "heads_per_layer=5 exceeds the model's 4 heads"),
     ],

@@ -99,3 +99,33 @@ def test_selection_json_round_trip():
     assert json.loads(hifi_fast.HeadSelection({2: [3, 1]}).to_json()) == {"heads": {"2": [1, 3]}}
 
 
+
+
+@pytest.mark.parametrize("config", [
+    dict(heads_per_layer=1), dict(heads_per_layer=3, seed=7), dict(heads_per_layer=2, selection="global", seed=3),
+    dict(trainable_param_budget=1250),
+])
+def test_random_heads_need_no_scores(config):
+    """select_random_heads (no scoring pass) picks what select_heads picks for score='random' from
+    any scores of the same geometry, and holds no scores."""
+    from hifi_fast.selection import select_random_heads
+
+    cfg = hifi_fast.HiFiConfig(score="random", **config)
+    expected = [hifi_fast.select_heads(random_scores(num_layers=4, num_heads=5, seed=s), cfg) for s in (0, 1)]
+    got = select_random_heads(4, 5, 100, cfg)
+    assert got == expected[0] == expected[1] and got.scores is None
+    with pytest.raises(ValueError, match="it selects for 'random' only"):
+        select_random_heads(4, 5, 100, hifi_fast.HiFiConfig())
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_patch_with_random_config_runs_no_scoring_pass(family, monkeypatch):
+    from conftest import tiny_batch, tiny_model
+
+    cfg = hifi_fast.HiFiConfig(heads_per_layer=2, score="random", seed=5)
+    with_batches = hifi_fast.patch(tiny_model(family), cfg, batches=[tiny_batch()]).hifi_state.selection
+    monkeypatch.setattr("hifi_fast.scoring.score_for_config", lambda *a, **k: pytest.fail("scored"))
+    model = hifi_fast.patch(tiny_model(family), cfg)  # no batches
+    assert model.hifi_state.selection == with_batches and model.hifi_state.selection.scores is None
+    model(**tiny_batch()).logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -85,7 +85,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     checkpoint_files: list[Path] = []
     if not args.no_save:
         checkpoint_files = save_method(model, method, run_dir, tokenizer)
-    if selection is not None:
+    if selection is not None and selection.scores is not None:  # random heads: no scores to draw
         from hifi_fast.plots import plot_heads
 
         plot_heads(selection.scores, selection.heads, run_dir / "heads.png",

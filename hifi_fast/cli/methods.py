@@ -15,7 +15,7 @@ def setup_method(model, method: str, args, train_data, console: Console, progres
     import hifi_fast
     from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
     from hifi_fast.data import iter_batches
-    from hifi_fast.scoring import score_for_config
+    from hifi_fast.scoring import select_for_config
 
     info: dict = {}
     if method == "hifi" and args.resume:  # the heads the interrupted run selected
@@ -30,9 +30,7 @@ def setup_method(model, method: str, args, train_data, console: Console, progres
             keep_warmed_head=args.importance_head == "warmed",
         )
         start = time.perf_counter()
-        batches = iter_batches(train_data, args.batch_size)
-        scores = score_for_config(model, batches, config, progress=progress)
-        selection = hifi_fast.select_heads(scores, config)
+        selection = select_for_config(model, iter_batches(train_data, args.batch_size), config, progress=progress)
         info["scoring_time_s"] = time.perf_counter() - start
         hifi_fast.patch(model, selection)
         info["selection"] = selection

@@ -55,7 +55,8 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
     hifi.add_argument("--score", default="pagerank",
                       choices=("pagerank", "richness", "correlation", "random", "importance"),
-                      help="head ranking (default: pagerank); importance: task-aware gradient importance of each "
+                      help="head ranking (default: pagerank); random: seeded, no scoring pass; importance: task-aware "
+                      "gradient importance of each "
                       "head's output (Michel et al. 2019) after a short warm-up of the classifier")
     hifi.add_argument("--importance-head", default="warmed", choices=("warmed", "initial"),
                       help="--score importance: fine-tune from the warmed classifier (default) or from the one the "
