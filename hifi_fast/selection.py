@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .config import HiFiConfig
+from .config import TASK_SCORES, HiFiConfig
 from .pagerank import pagerank
 from .scores import HeadScores
 
@@ -84,8 +84,8 @@ def ranking_scores(scores: HeadScores, config: HiFiConfig) -> torch.Tensor:
         return scores.richness.to(torch.float64)
     if config.score == "correlation":
         return pagerank(scores.correlation, None, config.damping)
-    if config.score == "importance":
-        return normalised_importance(scores)
+    if config.score in TASK_SCORES:
+        return normalised_task_score(scores, config.score)
     return random_ranking(*scores.richness.shape, config.seed)
 
 
@@ -95,18 +95,20 @@ def random_ranking(num_layers: int, num_heads: int, seed: int) -> torch.Tensor:
     return torch.rand((num_layers, num_heads), generator=generator, dtype=torch.float64)
 
 
-def normalised_importance(scores: HeadScores) -> torch.Tensor:
-    """``scores.importance`` ``[L, H]`` divided by each layer's L2 norm across heads (Michel et al.
-    2019 normalise per layer so that layers compare in a global ranking; a layer of zeros stays 0)."""
-    if scores.importance is None:
+def normalised_task_score(scores: HeadScores, name: str) -> torch.Tensor:
+    """``scores.importance`` or ``scores.gradient`` ``[L, H]`` divided by each layer's L2 norm across
+    heads (Michel et al. 2019 normalise per layer so that layers compare in a global ranking; a layer
+    of zeros stays 0)."""
+    values = getattr(scores, name)
+    if values is None:
         raise ValueError(
-            "score='importance' needs head importance in the scores, which these do not hold: compute them "
-            "with hifi_fast.score_heads(model, batches, importance=True) (or hifi_fast.scoring.score_for_config"
+            f"score={name!r} needs head {name} in the scores, which these do not hold: compute them with "
+            f"hifi_fast.score_heads(model, batches, {name}=True) (or hifi_fast.scoring.score_for_config"
             "(model, batches, config)) on scoring batches with labels"
         )
-    importance = scores.importance.to(torch.float64)
-    norm = torch.linalg.vector_norm(importance, dim=-1, keepdim=True)
-    return torch.where(norm > 0, importance / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(importance))
+    values = values.to(torch.float64)
+    norm = torch.linalg.vector_norm(values, dim=-1, keepdim=True)
+    return torch.where(norm > 0, values / norm.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(values))
 
 
 def resolve_heads_per_layer(num_layers: int, num_heads: int, params_per_head: int, config: HiFiConfig) -> int:
@@ -153,8 +155,8 @@ def _select(rank: torch.Tensor, k: int, config: HiFiConfig, scores: HeadScores |
         chosen = _top_k(rank, k)
         heads = {layer: chosen[layer].tolist() for layer in range(num_layers)}
     else:
-        # importance is already normalised per layer (L2, as Michel et al.); the other scores by their sum
-        layer_sum = rank.sum(dim=-1, keepdim=True) if config.score != "importance" else torch.ones_like(rank[..., :1])
+        # task scores are already normalised per layer (L2, as Michel et al.); the other scores by their sum
+        layer_sum = rank.sum(dim=-1, keepdim=True) if config.score not in TASK_SCORES else torch.ones_like(rank[..., :1])
         relative = torch.where(layer_sum > 0, rank / layer_sum, torch.zeros_like(rank))
         flat = _top_k(relative.flatten(), k * num_layers).tolist()
         heads = {}

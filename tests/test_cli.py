@@ -248,14 +248,15 @@ def test_finetune_with_random_heads_skips_the_scoring_pass(tiny_model_dir, tiny_
     assert json.loads((out / "metrics.json").read_text())["scoring_time_s"] < 0.05
 
 
-def test_finetune_with_the_task_aware_importance_score(tiny_model_dir, tiny_csv, tmp_path):
-    out = tmp_path / "importance"
-    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--score", "importance", "--heads-per-layer", "1",
+@pytest.mark.parametrize("score", ["importance", "gradient"])
+def test_finetune_with_a_task_aware_score(score, tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / score
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--score", score, "--heads-per-layer", "1",
                                   "--epochs", "1", "--no-save")) == 0
     selection = json.loads((out / "selection.json").read_text())
-    assert selection["scores"]["importance"] is not None
-    assert json.loads((out / "run_config.json").read_text())["hifi_config"]["score"] == "importance"
+    assert selection["scores"][score] is not None
+    assert json.loads((out / "run_config.json").read_text())["hifi_config"]["score"] == score
     initial = tmp_path / "initial"
-    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, initial, "--score", "importance", "--heads-per-layer",
-                                  "1", "--importance-head", "initial", "--epochs", "1", "--no-save")) == 0
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, initial, "--score", score, "--heads-per-layer",
+                                  "1", "--task-head", "initial", "--epochs", "1", "--no-save")) == 0
     assert json.loads((initial / "run_config.json").read_text())["hifi_config"]["keep_warmed_head"] is False

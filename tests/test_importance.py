@@ -325,7 +325,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        plain = hifi_fast.score_heads(tiny_model("bert"), [_shards()[rank]], **NO_WARMUP)
+        plain = hifi_fast.score_heads(tiny_model("bert"), [_shards()[rank]], gradient=True, **NO_WARMUP)
         model = tiny_model("bert")
         torch.manual_seed(rank)
         model.classifier.reset_parameters()  # ranks start from different heads: the warm-up syncs them
@@ -342,12 +342,13 @@ def test_distributed_importance_equals_one_process_on_the_union(tmp_path):
     and the same scores (not one process's: that would step through the batches one by one)."""
     out = str(tmp_path / "scores")
     mp.spawn(_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD)
-    single = hifi_fast.score_heads(tiny_model("bert"), _shards(), **NO_WARMUP)
+    single = hifi_fast.score_heads(tiny_model("bert"), _shards(), gradient=True, **NO_WARMUP)
     results = [torch.load(f"{out}.{rank}") for rank in range(WORLD)]
     for result in results:
         assert result["plain"]["num_examples"] == 7
-        torch.testing.assert_close(torch.tensor(result["plain"]["importance"], dtype=torch.float64),
-                                   single.importance, rtol=1e-5, atol=1e-9)
+        for name in ("importance", "gradient"):  # score='gradient' all-reduces the same way
+            torch.testing.assert_close(torch.tensor(result["plain"][name], dtype=torch.float64),
+                                       getattr(single, name), rtol=1e-5, atol=1e-9)
     a, b = results
     assert a["warmed"] == b["warmed"]
     assert all(torch.equal(a["head"][k], b["head"][k]) for k in a["head"])

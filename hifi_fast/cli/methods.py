@@ -27,7 +27,7 @@ def setup_method(model, method: str, args, train_data, console: Console, progres
         config = hifi_fast.HiFiConfig(
             heads_per_layer=args.heads_per_layer, score=args.score, selection=args.selection,
             num_scoring_examples=args.scoring_examples, damping=args.damping, seed=args.seed,
-            keep_warmed_head=args.importance_head == "warmed",
+            keep_warmed_head=args.task_head == "warmed",
         )
         start = time.perf_counter()
         selection = select_for_config(model, iter_batches(train_data, args.batch_size), config, progress=progress)

@@ -54,13 +54,14 @@ def add_common(parser: argparse.ArgumentParser) -> None:
     hifi = parser.add_argument_group("HiFi")
     hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
     hifi.add_argument("--score", default="pagerank",
-                      choices=("pagerank", "richness", "correlation", "random", "importance"),
+                      choices=("pagerank", "richness", "correlation", "random", "importance", "gradient"),
                       help="head ranking (default: pagerank); random: seeded, no scoring pass; importance: task-aware "
-                      "gradient importance of each "
-                      "head's output (Michel et al. 2019) after a short warm-up of the classifier")
-    hifi.add_argument("--importance-head", default="warmed", choices=("warmed", "initial"),
-                      help="--score importance: fine-tune from the warmed classifier (default) or from the one the "
-                      "model had before scoring")
+                      "gradient importance of each head's output (Michel et al. 2019); gradient: task-aware, the L1 "
+                      "norm of the loss gradient over each head's slices; both after a short warm-up of the "
+                      "classifier")
+    hifi.add_argument("--task-head", default="warmed", choices=("warmed", "initial"),
+                      help="--score importance/gradient: fine-tune from the warmed classifier (default) or from "
+                      "the one the model had before scoring")
     hifi.add_argument("--selection", default="per_layer", choices=("per_layer", "global"),
                       help="top k per layer, or top k*L overall (default: per_layer)")
     hifi.add_argument("--scoring-examples", type=int, default=256,
