@@ -127,6 +127,15 @@ def random_scores(num_layers: int = 4, num_heads: int = 5, seed: int = 0, params
     return HeadScores(richness, corr, pagerank(corr, richness), num_examples=8, params_per_head=params_per_head)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine run far faster on one thread (no pool contention)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -9,7 +9,7 @@ import hifi_fast
 from hifi_fast.scores import HeadScores
 from conftest import tiny_batch, tiny_model
 from reference import O_PROJ, geometry
-from test_importance import tiny_lm
+from test_importance import _batches, tiny_lm
 
 QKV = {
     "bert": ["bert.encoder.layer.{}.attention.self." + n for n in ("query", "key", "value")],
@@ -18,16 +18,7 @@ QKV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _batches():
-    return [tiny_batch(seed=1), tiny_batch(seed=2, batch=3, tokens=7, pad_rows={0: 2, 2: 5})]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is far faster here
 
 
 def _grad(module, fused_gpt2: bool):

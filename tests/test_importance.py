@@ -22,13 +22,7 @@ from reference import O_PROJ, geometry
 NO_WARMUP = dict(importance=True, warmup_steps=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run far faster on one thread (no pool contention)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is far faster here
 
 
 def _batches():
