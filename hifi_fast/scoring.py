@@ -161,13 +161,17 @@ def score_heads(
             frozen), and by default **keeps the warmed head** as the start of fine-tuning;
             ``warmup_steps=0`` leaves the model untouched. For the warm-up the scoring examples and
             the backbone's outputs of them are held on the model's device.
-        warmup_steps, warmup_lr: that warm-up (with ``importance`` only).
+        gradient: also measure each head's slice gradient (``score="gradient"``): the L1 norm of
+            the loss gradient over the Q/K/V rows and O columns the head would train, from the same
+            backward (the projections' weights require grad during the pass; no ``.grad`` is left);
+            same labels and warm-up as ``importance``. The model must not be patched.
+        warmup_steps, warmup_lr: that warm-up (with ``importance`` or ``gradient`` only).
         keep_warmed_head: ``False`` puts the task head's values from before the warm-up back once
             the scores are taken (the model leaves as it came in).
 
     Returns:
         ``HeadScores`` with ``richness`` ``[L, H]``, ``correlation`` ``[L, H, H]``, ``pagerank`` ``[L, H]``
-        and, with ``importance``, ``importance`` ``[L, H]``.
+        and, with ``importance`` / ``gradient``, those ``[L, H]`` too.
     """
     if num_examples < 1:
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
