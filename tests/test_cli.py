@@ -224,8 +224,24 @@ def test_default_threads_follow_the_tasks_running_now(monkeypatch, others, expec
 
     monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(loading, "other_runnable_tasks", lambda: others)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(loading, "default_threads", lambda: 2)
     assert loading.auto_threads() == (expected, f"2 cores, {others} other runnable task{'' if others == 1 else 's'} now")
+
+
+def test_default_threads_are_not_capped_by_an_earlier_run(monkeypatch):
+    """Runs in one process (compare, the selection study): a run under load sets 1 thread; the
+    next, on an idle machine, goes back to torch's own count."""
+    from hifi_fast.cli import loading
+
+    initial = loading.default_threads()
+    monkeypatch.setattr(loading.os, "sched_getaffinity", lambda pid: set(range(max(2, initial))))
+    monkeypatch.setattr(loading, "other_runnable_tasks", lambda: 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert loading.auto_threads()[0] == initial
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_other_runnable_tasks_reads_proc():

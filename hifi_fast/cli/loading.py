@@ -1,6 +1,7 @@
 """Loading what a run needs: the model directory, tokenizer, classifier, device and CPU threads."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -86,13 +87,21 @@ def other_runnable_tasks() -> int:
     return max(0, running - max(1, own))
 
 
+@functools.cache
+def default_threads() -> int:
+    """Torch's intra-op thread count as this process first found it: the upper bound of every
+    run's choice (``torch.get_num_threads()`` reads back what an earlier run in the same process
+    set, so a run started under load would cap every later one)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def auto_threads() -> tuple[int, str]:
     """Torch's thread count, lowered to the cores other processes are not running on right now, and
     why. A CPU GEMM split over more threads than free cores runs several times slower; the 1-minute
     load average would still count a job that ended seconds ago, so the tasks runnable now count."""
-    import torch
-
-    threads = torch.get_num_threads()
+    threads = default_threads()
     try:
         cores = len(os.sched_getaffinity(0))
         others = other_runnable_tasks()
