@@ -81,6 +81,11 @@ PREDICTABLE_SCORES = ("pagerank", "richness", "correlation", "random")
 HIFI_GRID = (3e-4, 1e-3, 3e-3)
 
 
+def own_rate_method(name: str) -> Method:
+    """A HiFi variant tuned on its own (the control's grid), for the rate check."""
+    return replace(BY_NAME[name], lr_grid=HIFI_GRID, lr_from=None)
+
+
 def hifi_method(variant: str) -> Method:
     name = f"hifi-{variant}"
     score, extra, note = HIFI_VARIANTS[variant]
@@ -433,6 +438,11 @@ class SelectionStudy:
             grid = [float(f"{lr:.3g}") for lr in grid]
         return best
 
+    def own_rate(self, task: str, size: int, name: str, tune: bool = True) -> float | None:
+        """The rate a HiFi variant would pick for itself on the validation split (its val runs are
+        its own records), to check that sharing the control's rate does not favour the control."""
+        return self.chosen_lr(task, size, own_rate_method(name), tune)
+
     # ------------------------------------------------------------------------------------ order
 
     def execute(self, tasks: Sequence[str], sizes: Sequence[int], seeds: Sequence[int], methods: Sequence[str]) -> None:
@@ -722,14 +732,21 @@ def _validation_lines(study: SelectionStudy) -> list[str]:
             tried.setdefault((r["task"], r["size"], r["method"]), {})[r["lr"]] = r
     lines = []
     for (task, size, name), by_lr in sorted(tried.items()):
-        chosen = study.chosen_lr(task, size, BY_NAME[name], tune=False)
+        shared = BY_NAME[name].lr_from is not None  # a HiFi variant's own grid: the rate check
+        chosen = study.own_rate(task, size, name, tune=False) if shared else study.chosen_lr(task, size, BY_NAME[name],
+                                                                                             tune=False)
         cells = [f"**{lr:g}: {100 * r['accuracy']:.2f}**" if lr == chosen else f"{lr:g}: {100 * r['accuracy']:.2f}"
                  for lr, r in sorted(by_lr.items())]
         edge = " (at the edge of the rates tried)" if chosen in (min(by_lr), max(by_lr)) and len(by_lr) > 1 else ""
+        used = study.chosen_lr(task, size, BY_NAME[name], tune=False) if shared else None
+        if chosen is not None and used is not None:
+            edge += f"; rate check: its own best {'is' if chosen == used else 'is not'} the {CONTROL} rate it ran at ({used:g})"
         lines.append(f"| {task} | {size} | {name} | {', '.join(cells)}{edge} |")
     return _section("Learning rates on the validation split",
                     f"Validation accuracy of each rate tried, training on seed {TUNE_SEED}'s training set; the chosen "
-                    "rate in bold.", ("task", "size", "method", "rate: validation accuracy %"), lines)
+                    f"rate in bold. Rows of a HiFi variant other than {CONTROL} are the rate check (`--rate-check`): "
+                    f"the variant tuned on its own, to see whether sharing {CONTROL}'s rate held it back.",
+                    ("task", "size", "method", "rate: validation accuracy %"), lines)
 
 
 def _cost_lines(study: SelectionStudy) -> list[str]:
@@ -803,6 +820,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="drop the records whose key (task/nSIZE/split/method/lrLR/seedS) matches, e.g. "
                         "'*/hifi-pagerank/*' after a score's definition changed; they run again")
     parser.add_argument("--verbose", action="store_true", help="the runs' own progress output")
+    parser.add_argument("--rate-check", action="store_true",
+                        help=f"tune the listed HiFi variants' own rates on validation (they run at {CONTROL}'s): "
+                        "does sharing the control's rate favour the control?")
     args = parser.parse_args(argv)
     tasks, sizes, seeds = parse_list(args.tasks), parse_list(args.sizes, int), parse_list(args.seeds, int)
     methods = expand_methods(parse_list(args.methods))
@@ -821,7 +841,15 @@ def main(argv: list[str] | None = None) -> None:
         study.report()
     else:
         study._code = selection_code_hash()
-        study.execute(tasks, sizes, seeds, methods)
+        if args.rate_check:
+            for size in sizes:
+                for task in tasks:
+                    for name in methods:
+                        if BY_NAME[name].lr_from == CONTROL:
+                            study.own_rate(task, size, name)
+            study.report()
+        else:
+            study.execute(tasks, sizes, seeds, methods)
     print(f"report: {study.docs_dir / 'selection_study.md'}")
 
 

@@ -103,3 +103,15 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch): 
     assert left == len(keys) and all("/n16/" in key for key in keys) and done == len(records)
     assert again.forget(["*/hifi-pagerank/*"]) == 2
     assert len(make_study(tmp_path, tiny_model_dir).records) == len(records) - 2
+
+
+def test_rate_check_tunes_a_variant_on_its_own(tmp_path, tiny_model_dir):  # noqa: F811
+    study = make_study(tmp_path, tiny_model_dir)
+    own = study.own_rate("tiny", 8, "hifi-pagerank")
+    assert {(r["method"], r["split"]) for r in study.records.values()} == {("hifi-pagerank", "val")}
+    assert own in {r["lr"] for r in study.records.values()}
+    shared = study.chosen_lr("tiny", 8, study_module.BY_NAME["hifi-pagerank"])  # runs the control's grid
+    study.report()
+    report = (tmp_path / "docs" / "selection_study.md").read_text()
+    verdict = "is" if own == shared else "is not"
+    assert f"rate check: its own best {verdict} the hifi-random rate it ran at ({shared:g})" in report
