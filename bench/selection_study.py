@@ -75,10 +75,24 @@ HIFI_VARIANTS = {
     "gradient-initial": ("gradient", ("--task-head", "initial"),
                          "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix Tuning), classifier "
                          "as before scoring"),
+    # the rate check: PageRank at the rate it picks for itself on validation (its own grid, run by
+    # --rate-check as hifi-pagerank's validation records) instead of random heads'
+    "pagerank-own-rate": ("pagerank", (), "HiFi: PageRank at its own validation-tuned rate"),
 }
+OWN_RATE_OF = {"hifi-pagerank-own-rate": "hifi-pagerank"}
 # Scores that a scoring pass predicts before training (``importance`` trains a probe: not predicted).
 PREDICTABLE_SCORES = ("pagerank", "richness", "correlation", "random")
 HIFI_GRID = (3e-4, 1e-3, 3e-3)
+
+
+def _predictable(method: Method) -> bool:
+    """A HiFi variant whose heads a scoring pass predicts and that trains with no other option, so
+    that two such variants selecting the same heads at the same rate run the same computation."""
+    return score_of(method) in PREDICTABLE_SCORES and method.args == hifi_method_args(score_of(method))
+
+
+def hifi_method_args(score: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    return ("--method", "hifi", "--score", score, "--heads-per-layer", str(HEADS_PER_LAYER), *extra)
 
 
 def own_rate_method(name: str) -> Method:
@@ -89,10 +103,15 @@ def own_rate_method(name: str) -> Method:
 def hifi_method(variant: str) -> Method:
     name = f"hifi-{variant}"
     score, extra, note = HIFI_VARIANTS[variant]
-    tuned = name == CONTROL
-    return Method(name, ("--method", "hifi", "--score", score, "--heads-per-layer", str(HEADS_PER_LAYER), *extra),
-                  lr_grid=HIFI_GRID if tuned else (), lr_from=None if tuned else CONTROL,
-                  note=note + ("" if tuned else "; random heads' rate"))
+    tuned, own = name == CONTROL, name in OWN_RATE_OF
+    return Method(name, hifi_method_args(score, extra),
+                  lr_grid=HIFI_GRID if tuned else (), lr_from=None if tuned or own else CONTROL,
+                  note=note + ("" if tuned or own else "; random heads' rate"))
+
+
+def score_of(method: Method) -> str | None:
+    """The ``--score`` a HiFi method runs with (``None`` for the baselines)."""
+    return method.args[method.args.index("--score") + 1] if "--score" in method.args else None
 
 
 METHODS = (
@@ -359,16 +378,16 @@ class SelectionStudy:
 
     def _same_selection(self, task, size, split, method, lr, seed) -> dict | None:
         """A finished run of another HiFi variant that trained exactly the heads ``method`` would
-        (same task, size, split, seed and rate), copied with ``same_as``; ``None`` if there is none."""
-        score = method.name.removeprefix("hifi-")
-        if score not in PREDICTABLE_SCORES:
+        (same task, size, split, seed and rate, no other option), copied with ``same_as``; ``None``
+        if there is none."""
+        if not _predictable(method):
             return None
-        finished = [self.records.get(self.key(task, size, split, f"hifi-{other}", lr, seed))
-                    for other in PREDICTABLE_SCORES if other != score]
+        finished = [self.records.get(self.key(task, size, split, other.name, lr, seed))
+                    for other in METHODS if other.name != method.name and _predictable(other)]
         finished = [r for r in finished if r and not r.get("same_as")]
         if not finished:  # nothing to copy from: no scoring pass needed
             return None
-        heads = self.predicted(task, size, seed)[score]
+        heads = self.predicted(task, size, seed)[score_of(method)]
         for done in finished:
             if done["selected_heads"] == heads:
                 copied = {k: v for k, v in done.items() if k not in ("key", "method")}
@@ -403,8 +422,9 @@ class SelectionStudy:
         return self._predicted[cache_key]
 
     def _check_prediction(self, task, size, seed, method, record) -> None:
-        score = method.name.removeprefix("hifi-")
-        predicted = self._predicted.get((task, size, seed), {}).get(score)
+        if not _predictable(method):
+            return
+        predicted = self._predicted.get((task, size, seed), {}).get(score_of(method))
         if predicted is not None and predicted != record["selected_heads"]:
             raise RuntimeError(f"{record}: trained heads {record['selected_heads']} differ from the predicted "
                                f"{predicted}; the selection shortcut no longer mirrors hifi-fast finetune")
@@ -418,6 +438,8 @@ class SelectionStudy:
             return method.fixed_lr
         if method.lr_from is not None:
             return self.chosen_lr(task, size, BY_NAME[method.lr_from], tune)
+        if method.name in OWN_RATE_OF:
+            return self.own_rate(task, size, OWN_RATE_OF[method.name], tune)
         grid = sorted(method.lr_grid)
         for _ in range(self.max_extensions + 1):
             tried = {}
