@@ -56,7 +56,7 @@ class Method:
 
 
 METHODS = (
-    Method("hifi", ("--method", "hifi"), lr_grid=(3e-4, 1e-3, 3e-3),
+    Method("hifi", ("--method", "hifi", "--score", "pagerank"), lr_grid=(3e-4, 1e-3, 3e-3),
            note="PageRank selection, 2 heads per layer"),
     Method("hifi-random", ("--method", "hifi", "--score", "random"), lr_from="hifi",
            note="control: 2 random heads per layer, HiFi's learning rate"),

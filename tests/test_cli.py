@@ -63,7 +63,7 @@ def finetune_argv(model_dir, data, out, *extra):
 @pytest.fixture(scope="module")
 def hifi_run(tiny_model_dir, tiny_csv, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "hifi"
-    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--heads-per-layer", "1")) == 0
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--heads-per-layer", "1", "--score", "pagerank")) == 0
     return out
 
 
@@ -253,9 +253,10 @@ def test_other_runnable_tasks_reads_proc():
 
 
 def test_finetune_with_random_heads_skips_the_scoring_pass(tiny_model_dir, tiny_csv, tmp_path):
-    out = tmp_path / "random"
-    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--score", "random", "--heads-per-layer", "2",
+    out = tmp_path / "random"  # the default score
+    assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, out, "--heads-per-layer", "2",
                                   "--seed", "3", "--epochs", "1", "--no-save")) == 0
+    assert json.loads((out / "run_config.json").read_text())["hifi_config"]["score"] == "random"
     selection = hifi_fast.HeadSelection.from_json((out / "selection.json").read_text())
     expected = hifi_fast.select_heads(random_scores(num_layers=2, num_heads=4),
                                       hifi_fast.HiFiConfig(heads_per_layer=2, score="random", seed=3))

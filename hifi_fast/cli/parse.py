@@ -48,17 +48,17 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                        "N such steps in a row stop the run (default: 5)")
     train.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     train.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: the cores not already busy by the 1-minute load "
-                       "average, at least 1: oversubscribed cores slow CPU training several-fold)")
+                       help="torch CPU threads (default: the cores no other task is running on now, at least "
+                       "1: oversubscribed cores slow CPU training several-fold)")
 
     hifi = parser.add_argument_group("HiFi")
     hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
-    hifi.add_argument("--score", default="pagerank",
+    hifi.add_argument("--score", default="random",
                       choices=("pagerank", "richness", "correlation", "random", "importance", "gradient"),
-                      help="head ranking (default: pagerank); random: seeded, no scoring pass; importance: task-aware "
-                      "gradient importance of each head's output (Michel et al. 2019); gradient: task-aware, the L1 "
-                      "norm of the loss gradient over each head's slices; both after a short warm-up of the "
-                      "classifier")
+                      help="head ranking (default: random: seeded, no scoring pass; no score beat it in "
+                      "docs/selection_study.md); pagerank: HiFi's; importance: task-aware gradient importance of "
+                      "each head's output (Michel et al. 2019); gradient: task-aware, the L1 norm of the loss "
+                      "gradient over each head's slices; both after a short warm-up of the classifier")
     hifi.add_argument("--task-head", default="warmed", choices=("warmed", "initial"),
                       help="--score importance/gradient: fine-tune from the warmed classifier (default) or from "
                       "the one the model had before scoring")
