@@ -10,7 +10,8 @@ Tolerances: against float64, fp32 ``rtol=atol=1e-5`` (atol scaled by √N, the s
 ``rtol=atol=1e-3`` (the exact fp16 inputs leave only fp32 summation and the final fp16 rounding,
 ≤ 2⁻¹¹ relative); against the PyTorch op in the same dtype, fp32 as above and fp16/bf16 two
 output ulps (``rtol`` 2e-3 / 1.6e-2), which covers a different summation order flipping a rounding.
-On GPU, at realistic sizes: error vs float64 ≤ 2x PyTorch's own error in the same dtype.
+On GPU, at realistic sizes: error vs float64 ≤ 2x PyTorch's own error in the same dtype plus the fp32
+summation slack (``conftest.summation_slack``).
 """
 
 import pytest
@@ -18,13 +19,13 @@ import torch
 
 from hifi_fast import backends, kernels, ops
 
-from conftest import DEVICE, KERNEL_DTYPES as DTYPES, compiled_gpu
+from conftest import DEVICE, INTERPRET, KERNEL_DTYPES as DTYPES, assert_within_twice_torch, compiled_gpu, summation_slack
 VS_FLOAT64 = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 VS_TORCH = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def _close(got, want, tol, n):
-    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol * max(1.0, n ** 0.5))
+    torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=tol, atol=tol * max(1.0, n ** 0.5))
 
 
 def _features(blocks, block_size):
@@ -101,6 +102,7 @@ def test_rejects_mismatched_inputs():
         kernels.head_cols_grad(_randn(4, 8, torch.float32, 0), _randn(5, 8, torch.float32, 1), index, 8)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="Triton was set up for compiled kernels; the interpreter cannot be switched on later")
 def test_backend_dispatches_cpu_tensors_to_triton_when_interpreting(monkeypatch):
     monkeypatch.setenv("HIFI_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -113,15 +115,6 @@ def test_backend_dispatches_cpu_tensors_to_triton_when_interpreting(monkeypatch)
     index = torch.tensor([8])
     got, _ = module.head_rows_grad(grad_out, inp, index, 8, False)
     _close(got, ops.head_rows_grad(grad_out, inp, index, 8, False)[0], 1e-5, 9)
-
-
-def _error(got, want):
-    return (got.double() - want).abs().max().item()
-
-
-def _floor(want):
-    """Slack where PyTorch's error is ~0 (fp32): fp32 summation noise."""
-    return 1e-6 * want.abs().max().item()
 
 
 @compiled_gpu
@@ -140,11 +133,11 @@ def test_gpu_error_within_twice_torch(dtype, block_size, heads, selected):
     want_w, want_b = dy[:, row_idx].T @ x, dy[:, row_idx].sum(0)
     got_w, got_b = kernels.head_rows_grad(grad_out, inp, rows, block_size, True)
     ref_w, ref_b = ops.head_rows_grad(grad_out, inp, rows, block_size, True)
-    assert _error(got_w, want_w) <= 2 * _error(ref_w, want_w) + _floor(want_w)
-    assert _error(got_b, want_b) <= 2 * _error(ref_b, want_b) + _floor(want_b)
+    assert_within_twice_torch(got_w, ref_w, want_w, summation_slack(dy[:, row_idx], x))
+    assert_within_twice_torch(got_b, ref_b, want_b, summation_slack(dy[:, row_idx], torch.ones_like(x[:, :1])))
 
     out_proj_dy = grad_out[:, :d_model]
     want_c = out_proj_dy.double().T @ x[:, ops.feature_index(cols, block_size)]
     got_c = kernels.head_cols_grad(out_proj_dy, inp, cols, block_size)
     ref_c = ops.head_cols_grad(out_proj_dy, inp, cols, block_size)
-    assert _error(got_c, want_c) <= 2 * _error(ref_c, want_c) + _floor(want_c)
+    assert_within_twice_torch(got_c, ref_c, want_c, summation_slack(out_proj_dy, x[:, ops.feature_index(cols, block_size)]))
