@@ -9,8 +9,14 @@
 # order of value, each under its own time limit, within an overall budget: a stage whose limit is
 # more than the time left is skipped and reported as such. A failing stage does not stop the others.
 #
-#   install, environment, compile_gate, kernel_tests, cuda_ext, bench_minilm, bench_llama_bf16,
-#   full_tests, kernel_bench, profile
+#   install, environment, kernel_tests, bench_minilm, bench_llama_bf16, cuda_ext, full_tests,
+#   compile_gate, kernel_bench, profile
+#
+# The default budget covers the first five (times measured on an H200, 2026-11-27: the kernel tests
+# ~145 s, a benchmark run 13-35 s each, 10 per benchmark); a rerun names the rest in
+# GPU_CHECK_STAGES. The compile gate comes late because CI already compiles every kernel for
+# cuda:80/cuda:90 on CPU (and it passed on the H200). The benchmarks stop starting runs 25 s before
+# their stage's limit (bench.run --max-seconds) and report what they finished.
 #
 # Output: $OUT if set, else bench/results/<device name>/: at most 8 flat files --
 # stages.log (one line per stage), environment.txt, compile_gate.md, gpu_tests.log, cuda_ext.log,
@@ -36,7 +42,7 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 PLAN=${GPU_CHECK_PLAN:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-480}
 STAGES_WANTED=${GPU_CHECK_STAGES:-}
-STAGE_NAMES=(install environment compile_gate kernel_tests cuda_ext bench_minilm bench_llama_bf16 full_tests kernel_bench profile)
+STAGE_NAMES=(install environment kernel_tests bench_minilm bench_llama_bf16 cuda_ext full_tests compile_gate kernel_bench profile)
 KERNEL_TESTS=(tests/test_kernels_head_statistics.py tests/test_kernels_sparse_head_grad.py tests/test_ops.py tests/test_mixed_precision.py)
 
 # ---------------------------------------------------------------- the real run's arguments
@@ -143,25 +149,30 @@ stage_compile_gate() {
     step cat "$work/compile_gate.md"
 }
 stage_kernel_tests() {
-    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rs "${TIMEOUT_ARGS[@]}" "${KERNEL_TESTS[@]}" "${KERNEL_SELECT[@]}"
+    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rfEs "${TIMEOUT_ARGS[@]}" "${KERNEL_TESTS[@]}" "${KERNEL_SELECT[@]}"
 }
 stage_cuda_ext() {
     step "${GPU_ONLY[@]}" env HIFI_FAST_FORCE_CUDA_BUILD=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         "$PY" -m pip install -q --no-deps --no-build-isolation -e .
-    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rs "${TIMEOUT_ARGS[@]}" tests/test_cuda_ext.py "${EXT_SELECT[@]}"
+    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rfEs "${TIMEOUT_ARGS[@]}" tests/test_cuda_ext.py -k "not errors_name" "${EXT_SELECT[@]}"
+    # apart and verbose: the first GPU run crashed (SIGSEGV) in these; -v names the case before it runs
+    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -v -rfEs "${TIMEOUT_ARGS[@]}" tests/test_cuda_ext.py -k errors_name "${EXT_SELECT[@]}"
+}
+bench_seconds() {  # a benchmark's --max-seconds: its stage's limit less time to write the report
+    echo $((LIMIT[$STAGE] - 25))
 }
 stage_bench_minilm() {
     step "$PY" -m bench.run --suite quick --device "$DEVICE" --model "$MINILM" --methods "$METHODS" "${BENCH_SIZE[@]}" \
-        --out "$work/bench_minilm"
+        --max-seconds "$(bench_seconds)" --out "$work/bench_minilm"
 }
 stage_bench_llama_bf16() {
     step "$PY" -m bench.run --suite quick --device "$DEVICE" --model "$LLAMA" --dtype bfloat16 --methods "$METHODS" \
-        "${BENCH_SIZE[@]}" --no-naive-scoring --out "$work/bench_llama_bf16"
+        "${BENCH_SIZE[@]}" --no-naive-scoring --max-seconds "$(bench_seconds)" --out "$work/bench_llama_bf16"
 }
 stage_full_tests() {
     local ignore=() f
     for f in "${KERNEL_TESTS[@]}" tests/test_cuda_ext.py tests/test_gpu_check.py; do ignore+=("--ignore=$f"); done
-    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rs "${TIMEOUT_ARGS[@]}" tests "${ignore[@]}" "${FULL_SELECT[@]}"
+    step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -rfEs "${TIMEOUT_ARGS[@]}" tests "${ignore[@]}" "${FULL_SELECT[@]}"
 }
 stage_kernel_bench() {
     step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -q -p no:cacheprovider bench/test_bench_kernels.py "${KBENCH_SELECT[@]}" \
@@ -177,12 +188,12 @@ stage_profile() {
 STAGE_TABLE="
 install 60 environment.txt
 environment 30 environment.txt
-compile_gate 120 compile_gate.md
-kernel_tests 150 gpu_tests.log
-cuda_ext 150 cuda_ext.log
-bench_minilm 120 bench_minilm.md
+kernel_tests 160 gpu_tests.log
+bench_minilm 140 bench_minilm.md
 bench_llama_bf16 150 bench_llama_bf16.md
+cuda_ext 150 cuda_ext.log
 full_tests 150 gpu_tests.log
+compile_gate 120 compile_gate.md
 kernel_bench 90 kernels_profile.md
 profile 60 kernels_profile.md
 "

@@ -3,7 +3,9 @@ the frozen lower bound, side by side in one run.
 
 Writes under ``bench/results/<device>/``: ``results.csv`` (long format: method, backend, mode,
 metric, x_name, x_value, p20, p50, p80, device, torch, triton), ``summary.md`` and PNG plots.
-Each measurement runs in its own process (``bench.worker``) so its peak memory is its own.
+Each measurement runs in its own process (``bench.worker``) so its peak memory is its own. The
+files are rewritten after every run, and ``--max-seconds`` stops starting runs that would not end
+in time, so a time-boxed GPU window still leaves the measurements it finished.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +167,63 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
         plt.close(fig)
 
 
+class Report:
+    """``results.csv``, ``summary.md`` and plots from the runs finished so far (``write`` after each)."""
+
+    def __init__(self, out: Path, jobs: list[tuple], specs: list[dict], common: dict, rounds: int, defaults: dict,
+                 scoring_examples: int):
+        self.out, self.jobs, self.specs, self.common = out, jobs, specs, common
+        self.rounds, self.defaults, self.scoring_examples = rounds, defaults, scoring_examples
+        self.runs_planned = sum(rounds if job[3] == "config" else 1 for job in jobs)
+        self.results: dict[int, list[dict]] = {}
+        self.scoring: dict | None = None
+        self.runs_done = 0
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for i, results in sorted(self.results.items()):
+            method, options, backend, x_name, x_value, _ = self.jobs[i]
+            rows += train_rows(label(method, options), backend, x_name, x_value, self.specs[i], pool(results), self.common)
+        for what, times in (self.scoring or {}).items():
+            p = percentiles(times)
+            rows.append(dict(method=what, backend="", mode="scoring", metric="seconds", x_name="examples",
+                             x_value=self.scoring_examples, p20=p[0], p50=p[1], p80=p[2], **self.common))
+        return rows
+
+    def write(self, final: bool) -> None:
+        rows = self.rows()
+        with open(self.out / "results.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        d = self.defaults
+        title = f"{d['model']} ({d['dtype']}), batch {d['batch_size']} x {d['seq_len']} tokens, {self.common['device']}"
+        done = "" if self.runs_done == self.runs_planned else (
+            f"**Partial: {self.runs_done} of {self.runs_planned} runs finished"
+            f"{' (stopped by --max-seconds)' if final else ''}; medians over the rounds each method got.**\n\n")
+        table = summary_table(rows) if rows else "(no run finished)"
+        (self.out / "summary.md").write_text(
+            f"# Benchmarks: {title}\n\n{done}torch {self.common['torch']}, triton {self.common['triton'] or '-'}, "
+            f"{self.rounds} rounds x {d['steps']} timed steps after {d['warmup']} warm-up (forward + backward + AdamW "
+            f"step), methods interleaved round by round; memory is the median over rounds.\n\n{table}\n\n"
+            + self.scoring_line() + "\n"
+        )
+        if final and rows:
+            plot(rows, self.out, title)
+
+    def scoring_line(self) -> str:
+        s = self.scoring
+        if s is None:
+            return "- scoring pass: not measured (no time left)"
+        line = (f"- scoring pass over {self.scoring_examples} examples: {np.median(s['scoring']):.3f} s = "
+                f"{np.median(s['scoring']) / np.median(s['forward']):.2f}x a plain forward over the same batches "
+                f"({np.median(s['forward']):.3f} s)")
+        if "naive_svdvals_loop" in s:
+            line += (f"; {np.median(s['naive_svdvals_loop']) / np.median(s['scoring']):.1f}x faster than a per-head "
+                     f"`svdvals` loop ({np.median(s['naive_svdvals_loop']):.3f} s)")
+        return line
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
@@ -183,6 +243,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--no-naive-scoring", action="store_true",
                         help="leave out the naive per-head svdvals loop of the scoring benchmark (slow on big models)")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device name>)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="start no run (nor the scoring benchmark) that would end after this many seconds, "
+                             "judged by the longest run so far; the report says what was left out")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
@@ -190,6 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        parser.error(f"--max-seconds must be positive, got {args.max_seconds}")
     if args.scoring_examples < 1:
         parser.error(f"--scoring-examples must be at least 1, got {args.scoring_examples}")
     if args.model is not None:
@@ -221,39 +286,25 @@ def main(argv: list[str] | None = None) -> Path:
              for method, options, _, x_name, _, override in jobs]
     config = [i for i, job in enumerate(jobs) if job[3] == "config"]
     ordered = config * args.rounds + [i for i, job in enumerate(jobs) if job[3] != "config"]
-    results: dict[int, list[dict]] = {}
+    report = Report(out, jobs, specs, common, args.rounds, defaults, args.scoring_examples)
+    started, longest = time.monotonic(), 0.0
+
+    def in_time() -> bool:
+        """Whether another run, as long as the longest so far, still ends within --max-seconds."""
+        return args.max_seconds is None or time.monotonic() - started + longest <= args.max_seconds
+
     for i in tqdm(ordered, desc="benchmarks", unit="run"):
-        results.setdefault(i, []).append(run_worker(specs[i], jobs[i][2]))
-    rows: list[dict] = []
-    for i, (method, options, backend, x_name, x_value, _) in enumerate(jobs):
-        rows += train_rows(label(method, options), backend, x_name, x_value, specs[i], pool(results[i]), common)
-    scoring_spec = dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3,
-                        naive=not args.no_naive_scoring)
-    scoring = run_worker(scoring_spec)
-    for what, times in scoring.items():
-        p = percentiles(times)
-        rows.append(dict(method=what, backend="", mode="scoring", metric="seconds", x_name="examples",
-                         x_value=args.scoring_examples, p20=p[0], p50=p[1], p80=p[2], **common))
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    title = (f"{defaults['model']} ({defaults['dtype']}), batch {defaults['batch_size']} x {defaults['seq_len']} tokens, "
-             f"{name}")
-    scoring_lines = [
-        f"- scoring pass over {args.scoring_examples} examples: {np.median(scoring['scoring']):.3f} s = "
-        f"{np.median(scoring['scoring']) / np.median(scoring['forward']):.2f}x a plain forward over the same batches "
-        f"({np.median(scoring['forward']):.3f} s)"
-        + (f"; {np.median(scoring['naive_svdvals_loop']) / np.median(scoring['scoring']):.1f}x faster than a per-head "
-           f"`svdvals` loop ({np.median(scoring['naive_svdvals_loop']):.3f} s)" if "naive_svdvals_loop" in scoring else "")
-    ]
-    (out / "summary.md").write_text(
-        f"# Benchmarks: {title}\n\ntorch {torch.__version__}, triton {triton_version or '-'}, suite {args.suite}, "
-        f"{args.rounds} rounds x {defaults['steps']} timed steps after {defaults['warmup']} warm-up (forward + backward "
-        f"+ AdamW step), methods interleaved round by round; memory is the median over rounds.\n\n"
-        f"{summary_table(rows)}\n\n" + "\n".join(scoring_lines) + "\n"
-    )
-    plot(rows, out, title)
+        if not in_time():
+            break
+        t0 = time.monotonic()
+        report.results.setdefault(i, []).append(run_worker(specs[i], jobs[i][2]))
+        longest = max(longest, time.monotonic() - t0)
+        report.runs_done += 1
+        report.write(final=False)
+    if in_time():
+        report.scoring = run_worker(dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3,
+                                         naive=not args.no_naive_scoring))
+    report.write(final=True)
     print((out / "summary.md").read_text())
     return out
 

@@ -519,28 +519,28 @@ def test_gpu_edge_shapes():
     _close(cuda_ext.head_rows_grad(grad_out, inp, spaced, 8, False)[0], want, 1e-5, 9)
 
 
+# One case per test: the first GPU run crashed (SIGSEGV) inside this list without saying which call.
+ERROR_CASES = {
+    "cpu-tensors": ("grad_out must be a CUDA tensor", lambda g, x, b: ("head_rows_grad", g.cpu(), x.cpu(), b.cpu(), 8, True)),
+    "mixed-dtypes": ("same dtype", lambda g, x, b: ("head_rows_grad", g, x.half(), b, 8, True)),
+    "rows-differ": ("same number of rows", lambda g, x, b: ("head_cols_grad", g, x[:3], b, 8)),
+    "3-d-grad-out": (r"expected grad_out \[N, d_out\]", lambda g, x, b: ("head_cols_grad", g[None], x, b, 8)),
+    "int32-blocks": ("blocks must be int64", lambda g, x, b: ("head_rows_grad", g, x, b.int(), 8, True)),
+    "2-d-blocks": ("blocks must be 1-D", lambda g, x, b: ("head_rows_grad", g, x, b[None], 8, True)),
+    "cpu-blocks": ("blocks must be on grad_out's device", lambda g, x, b: ("head_rows_grad", g, x, b.cpu(), 8, True)),
+    "int-dtype": ("dtype must be", lambda g, x, b: ("head_rows_grad", g.int(), x.int(), b, 8, True)),
+}
+
+
 @gpu
-def test_gpu_errors_name_the_problem():
+@pytest.mark.parametrize("case", ERROR_CASES.values(), ids=ERROR_CASES.keys())
+def test_gpu_errors_name_the_problem(case):
     from hifi_fast import _cuda
 
-    g, x = _randn(4, 8, torch.float32, 0), _randn(4, 8, torch.float32, 1)
-    blocks = torch.tensor([0], device=DEVICE)
-    with pytest.raises(RuntimeError, match="grad_out must be a CUDA tensor"):
-        _cuda.head_rows_grad(g.cpu(), x.cpu(), blocks.cpu(), 8, True)
-    with pytest.raises(RuntimeError, match="same dtype"):
-        _cuda.head_rows_grad(g, x.half(), blocks, 8, True)
-    with pytest.raises(RuntimeError, match="same number of rows"):
-        _cuda.head_cols_grad(g, x[:3], blocks, 8)
-    with pytest.raises(RuntimeError, match=r"expected grad_out \[N, d_out\]"):
-        _cuda.head_cols_grad(g[None], x, blocks, 8)
-    with pytest.raises(RuntimeError, match="blocks must be int64"):
-        _cuda.head_rows_grad(g, x, blocks.int(), 8, True)
-    with pytest.raises(RuntimeError, match="blocks must be 1-D"):
-        _cuda.head_rows_grad(g, x, blocks[None], 8, True)
-    with pytest.raises(RuntimeError, match="blocks must be on grad_out's device"):
-        _cuda.head_rows_grad(g, x, blocks.cpu(), 8, True)
-    with pytest.raises(RuntimeError, match="dtype must be"):
-        _cuda.head_rows_grad(g.int(), x.int(), blocks, 8, True)
+    message, make_call = case
+    op, *args = make_call(_randn(4, 8, torch.float32, 0), _randn(4, 8, torch.float32, 1), torch.tensor([0], device=DEVICE))
+    with pytest.raises(RuntimeError, match=message):
+        getattr(_cuda, op)(*args)
 
 
 @gpu

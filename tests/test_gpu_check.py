@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STAGES = ["install", "environment", "compile_gate", "kernel_tests", "cuda_ext", "bench_minilm", "bench_llama_bf16",
-          "full_tests", "kernel_bench", "profile"]
+STAGES = ["install", "environment", "kernel_tests", "bench_minilm", "bench_llama_bf16", "cuda_ext", "full_tests",
+          "compile_gate", "kernel_bench", "profile"]
 # What the dry run may change in a real command: (real tokens, dry tokens). Anything else that
 # differs between the two plans is drift.
 SWAPS = {
@@ -106,6 +106,20 @@ def test_bench_run_refuses_an_unknown_model_before_any_work():
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--device", "cpu", "--model", "no-such-model"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "unknown benchmark model 'no-such-model'" in proc.stderr, proc.stderr
+
+
+def test_bench_run_reports_what_it_finished_within_max_seconds(tmp_path):
+    """A time box too short for the plan: the first run still happens, no other starts, and the
+    report says so (a GPU window that ends mid-benchmark keeps what it measured)."""
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--device", "cpu", "--model", "tiny-bert", "--methods",
+                           "frozen,hifi", "--rounds", "2", "--steps", "1", "--max-seconds", "0.01", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env(OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Partial: 1 of 4 runs finished (stopped by --max-seconds)" in summary, summary
+    assert "| frozen |" in summary and "| hifi |" not in summary and "scoring pass: not measured" in summary
+    rows = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(rows) > 1 and all(r.startswith("frozen,") for r in rows[1:]), rows
 
 
 def test_build_model_loads_a_local_directory_in_the_asked_dtype(tmp_path):
