@@ -8,6 +8,7 @@ method and each method's most expensive operators. It answers why a method is as
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -29,29 +30,51 @@ def profile_method(method: str, options: dict, model_name: str, batch_size: int,
     model = prepare(model, method, lora_r=options.get("lora_r", 8), scoring_batches=scoring).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
-    def step() -> None:
+    def step(mark=lambda: None) -> list:
+        """One training step; ``mark`` is called at the phase boundaries and its results returned."""
         optimizer.zero_grad(set_to_none=True)
+        marks = [mark()]
         with record_function("forward"):
             loss = model(**batch).loss
+        marks.append(mark())
         with record_function("backward"):
             loss.backward()
+        marks.append(mark())
         with record_function("optimizer"):
             optimizer.step()
+        marks.append(mark())
+        return marks
 
     for _ in range(3):  # warm-up
         step()
+    phases = _phase_times(step, device, steps)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-    events = prof.key_averages()
-    time_attr = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    phases = {e.key: getattr(e, time_attr) / 1e3 / steps for e in events if e.key in PHASES}
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = events.table(sort_by=sort_by, row_limit=12, max_name_column_width=48)
+    table = prof.key_averages().table(sort_by=sort_by, row_limit=12, max_name_column_width=48)
     return phases, table
+
+
+def _phase_times(step, device: torch.device, steps: int) -> dict[str, float]:
+    """Milliseconds per step of each phase, timed outside the profiler: CUDA events on the stream
+    on a GPU (a CPU-side range would miss the backward's kernels, launched by autograd's own
+    thread, and count launches rather than work), the wall clock on CPU."""
+    if device.type == "cuda":
+        def mark():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        elapsed = lambda a, b: a.elapsed_time(b)  # noqa: E731
+    else:
+        mark, elapsed = time.perf_counter, lambda a, b: (b - a) * 1e3  # noqa: E731
+    runs = [step(mark) for _ in range(steps)]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {phase: sum(elapsed(m[i], m[i + 1]) for m in runs) / steps for i, phase in enumerate(PHASES)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         f"# Training-step profile: {model_name}, batch {batch_size} x {seq_len} tokens, {device_name(args.device)}",
         "",
-        f"torch {torch.__version__}; {args.steps} profiled steps per method after 3 warm-up steps; "
-        "times per step (profiler overhead included, so compare rows, not with summary.md).",
+        f"torch {torch.__version__}; phase times: mean of {args.steps} steps per method after 3 warm-up steps, "
+        "timed outside the profiler (CUDA events on a GPU, the wall clock on CPU); operator tables: "
+        f"{args.steps} more steps under the profiler.",
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
