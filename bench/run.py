@@ -170,10 +170,10 @@ def plot(rows: list[dict], out: Path, title: str) -> None:
 class Report:
     """``results.csv``, ``summary.md`` and plots from the runs finished so far (``write`` after each)."""
 
-    def __init__(self, out: Path, jobs: list[tuple], specs: list[dict], common: dict, rounds: int, defaults: dict,
-                 scoring_examples: int):
+    def __init__(self, out: Path, jobs: list[tuple], specs: list[dict], common: dict, suite: str, rounds: int,
+                 defaults: dict, scoring_examples: int):
         self.out, self.jobs, self.specs, self.common = out, jobs, specs, common
-        self.rounds, self.defaults, self.scoring_examples = rounds, defaults, scoring_examples
+        self.suite, self.rounds, self.defaults, self.scoring_examples = suite, rounds, defaults, scoring_examples
         self.runs_planned = sum(rounds if job[3] == "config" else 1 for job in jobs)
         self.results: dict[int, list[dict]] = {}
         self.scoring: dict | None = None
@@ -204,17 +204,17 @@ class Report:
         table = summary_table(rows) if rows else "(no run finished)"
         (self.out / "summary.md").write_text(
             f"# Benchmarks: {title}\n\n{done}torch {self.common['torch']}, triton {self.common['triton'] or '-'}, "
-            f"{self.rounds} rounds x {d['steps']} timed steps after {d['warmup']} warm-up (forward + backward + AdamW "
+            f"suite {self.suite}, {self.rounds} rounds x {d['steps']} timed steps after {d['warmup']} warm-up (forward + backward + AdamW "
             f"step), methods interleaved round by round; memory is the median over rounds.\n\n{table}\n\n"
-            + self.scoring_line() + "\n"
+            + self.scoring_line(final) + "\n"
         )
         if final and rows:
             plot(rows, self.out, title)
 
-    def scoring_line(self) -> str:
+    def scoring_line(self, final: bool) -> str:
         s = self.scoring
         if s is None:
-            return "- scoring pass: not measured (no time left)"
+            return f"- scoring pass: not measured{' (no time left)' if final else ' yet'}"
         line = (f"- scoring pass over {self.scoring_examples} examples: {np.median(s['scoring']):.3f} s = "
                 f"{np.median(s['scoring']) / np.median(s['forward']):.2f}x a plain forward over the same batches "
                 f"({np.median(s['forward']):.3f} s)")
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> Path:
              for method, options, _, x_name, _, override in jobs]
     config = [i for i, job in enumerate(jobs) if job[3] == "config"]
     ordered = config * args.rounds + [i for i, job in enumerate(jobs) if job[3] != "config"]
-    report = Report(out, jobs, specs, common, args.rounds, defaults, args.scoring_examples)
+    report = Report(out, jobs, specs, common, args.suite, args.rounds, defaults, args.scoring_examples)
     started, longest = time.monotonic(), 0.0
 
     def in_time() -> bool:
