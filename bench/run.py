@@ -177,7 +177,6 @@ class Report:
         self.runs_planned = sum(rounds if job[3] == "config" else 1 for job in jobs)
         self.results: dict[int, list[dict]] = {}
         self.scoring: dict | None = None
-        self.runs_done = 0
 
     def rows(self) -> list[dict]:
         rows = []
@@ -198,8 +197,9 @@ class Report:
             writer.writerows(rows)
         d = self.defaults
         title = f"{d['model']} ({d['dtype']}), batch {d['batch_size']} x {d['seq_len']} tokens, {self.common['device']}"
-        done = "" if self.runs_done == self.runs_planned else (
-            f"**Partial: {self.runs_done} of {self.runs_planned} runs finished"
+        runs_done = sum(len(results) for results in self.results.values())
+        done = "" if runs_done == self.runs_planned else (
+            f"**Partial: {runs_done} of {self.runs_planned} runs finished"
             f"{' (stopped by --max-seconds)' if final else ''}; medians over the rounds each method got.**\n\n")
         table = summary_table(rows) if rows else "(no run finished)"
         (self.out / "summary.md").write_text(
@@ -299,7 +299,6 @@ def main(argv: list[str] | None = None) -> Path:
         t0 = time.monotonic()
         report.results.setdefault(i, []).append(run_worker(specs[i], jobs[i][2]))
         longest = max(longest, time.monotonic() - t0)
-        report.runs_done += 1
         report.write(final=False)
     if in_time():
         report.scoring = run_worker(dict(defaults, mode="scoring", num_examples=args.scoring_examples, repeats=3,

@@ -129,15 +129,16 @@ def test_gpu_error_within_twice_torch(dtype, block_size, heads, selected):
     rows = torch.tensor([part * d_model + h * block_size for part in range(3) for h in selected], device=DEVICE)
     cols = torch.tensor([h * block_size for h in selected], device=DEVICE)
     dy, x = grad_out.double(), inp.double()
-    row_idx = ops.feature_index(rows, block_size)
-    want_w, want_b = dy[:, row_idx].T @ x, dy[:, row_idx].sum(0)
+    dy_rows = dy[:, ops.feature_index(rows, block_size)]
+    want_w, want_b = dy_rows.T @ x, dy_rows.sum(0)
     got_w, got_b = kernels.head_rows_grad(grad_out, inp, rows, block_size, True)
     ref_w, ref_b = ops.head_rows_grad(grad_out, inp, rows, block_size, True)
-    assert_within_twice_torch(got_w, ref_w, want_w, summation_slack(dy[:, row_idx], x))
-    assert_within_twice_torch(got_b, ref_b, want_b, summation_slack(dy[:, row_idx], torch.ones_like(x[:, :1])))
+    assert_within_twice_torch(got_w, ref_w, want_w, summation_slack(dy_rows, x))
+    assert_within_twice_torch(got_b, ref_b, want_b, summation_slack(dy_rows, torch.ones_like(x[:, :1])))
 
     out_proj_dy = grad_out[:, :d_model]
-    want_c = out_proj_dy.double().T @ x[:, ops.feature_index(cols, block_size)]
+    x_cols = x[:, ops.feature_index(cols, block_size)]
+    want_c = out_proj_dy.double().T @ x_cols
     got_c = kernels.head_cols_grad(out_proj_dy, inp, cols, block_size)
     ref_c = ops.head_cols_grad(out_proj_dy, inp, cols, block_size)
-    assert_within_twice_torch(got_c, ref_c, want_c, summation_slack(out_proj_dy, x[:, ops.feature_index(cols, block_size)]))
+    assert_within_twice_torch(got_c, ref_c, want_c, summation_slack(out_proj_dy, x_cols))
