@@ -89,13 +89,12 @@ HIFI_VARIANTS = {
                                   ("--task-head", "initial")),
     "gradient-initial": Variant("gradient", "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix "
                                 "Tuning), classifier as before scoring", ("--task-head", "initial")),
-    # the rate check: PageRank at the rate it picks for itself on validation (its own grid, run by
-    # --rate-check as hifi-pagerank's validation records) instead of random heads'
-    "pagerank-own-rate": Variant("pagerank", "HiFi: PageRank at its own validation-tuned rate"),
+    # the rate check: PageRank at the rate it picks for itself on validation instead of random
+    # heads' (does sharing the control's rate favour the control?)
+    "pagerank-own-rate": Variant("pagerank", "HiFi: PageRank at its own validation-tuned rate", own_grid=True),
     # the cheaper configuration: half the heads (and trainable attention parameters) of the others
     "random-k1": Variant("random", "random heads, 1 per layer; its own rate", heads_per_layer=1, own_grid=True),
 }
-OWN_RATE_OF = {"hifi-pagerank-own-rate": "hifi-pagerank"}
 # Scores that a scoring pass predicts before training (``importance`` trains a probe: not predicted).
 PREDICTABLE_SCORES = ("pagerank", "richness", "correlation", "random")
 HIFI_GRID = (3e-4, 1e-3, 3e-3)
@@ -112,17 +111,12 @@ def hifi_method_args(score: str, extra: tuple[str, ...] = (),
     return ("--method", "hifi", "--score", score, "--heads-per-layer", str(heads_per_layer), *extra)
 
 
-def own_rate_method(name: str) -> Method:
-    """A HiFi variant tuned on its own (the control's grid), for the rate check."""
-    return replace(BY_NAME[name], lr_grid=HIFI_GRID, lr_from=None)
-
-
 def hifi_method(name: str) -> Method:
     variant = HIFI_VARIANTS[name]
-    shared = not variant.own_grid and f"hifi-{name}" not in OWN_RATE_OF  # the rate check picks its own
+    own = variant.own_grid
     return Method(f"hifi-{name}", hifi_method_args(variant.score, variant.extra, variant.heads_per_layer),
-                  lr_grid=HIFI_GRID if variant.own_grid else (), lr_from=CONTROL if shared else None,
-                  note=variant.note + ("; random heads' rate" if shared else ""))
+                  lr_grid=HIFI_GRID if own else (), lr_from=None if own else CONTROL,
+                  note=variant.note + ("" if own else "; random heads' rate"))
 
 
 def score_of(method: Method) -> str | None:
@@ -454,8 +448,6 @@ class SelectionStudy:
             return method.fixed_lr
         if method.lr_from is not None:
             return self.chosen_lr(task, size, BY_NAME[method.lr_from], tune)
-        if method.name in OWN_RATE_OF:
-            return self.own_rate(task, size, OWN_RATE_OF[method.name], tune)
         grid = sorted(method.lr_grid)
         for _ in range(self.max_extensions + 1):
             tried = {}
@@ -475,11 +467,6 @@ class SelectionStudy:
             grid = [best / ratio, *grid] if best == grid[0] else [*grid, best * ratio]
             grid = [float(f"{lr:.3g}") for lr in grid]
         return best
-
-    def own_rate(self, task: str, size: int, name: str, tune: bool = True) -> float | None:
-        """The rate a HiFi variant would pick for itself on the validation split (its val runs are
-        its own records), to check that sharing the control's rate does not favour the control."""
-        return self.chosen_lr(task, size, own_rate_method(name), tune)
 
     # ------------------------------------------------------------------------------------ order
 
@@ -778,20 +765,20 @@ def _validation_lines(study: SelectionStudy) -> list[str]:
             tried.setdefault((r["task"], r["size"], r["method"]), {})[r["lr"]] = r
     lines = []
     for (task, size, name), by_lr in sorted(tried.items()):
-        shared = BY_NAME[name].lr_from is not None  # a HiFi variant's own grid: the rate check
-        chosen = study.own_rate(task, size, name, tune=False) if shared else study.chosen_lr(task, size, BY_NAME[name],
-                                                                                             tune=False)
+        chosen = study.chosen_lr(task, size, BY_NAME[name], tune=False)
         cells = [f"**{lr:g}: {100 * r['accuracy']:.2f}**" if lr == chosen else f"{lr:g}: {100 * r['accuracy']:.2f}"
                  for lr, r in sorted(by_lr.items())]
         edge = " (at the edge of the rates tried)" if chosen in (min(by_lr), max(by_lr)) and len(by_lr) > 1 else ""
-        used = study.chosen_lr(task, size, BY_NAME[name], tune=False) if shared else None
-        if chosen is not None and used is not None:
-            edge += f"; rate check: its own best {'is' if chosen == used else 'is not'} the {CONTROL} rate it ran at ({used:g})"
+        control = study.chosen_lr(task, size, BY_NAME[CONTROL], tune=False) if name.startswith("hifi-") else None
+        if name != CONTROL and None not in (chosen, control):
+            edge += f"; {'the same as' if chosen == control else 'not'} {CONTROL}'s ({control:g})"
         lines.append(f"| {task} | {size} | {name} | {', '.join(cells)}{edge} |")
     return _section("Learning rates on the validation split",
                     f"Validation accuracy of each rate tried, training on seed {TUNE_SEED}'s training set; the chosen "
-                    f"rate in bold. Rows of a HiFi variant other than {CONTROL} are the rate check (`--rate-check`): "
-                    f"the variant tuned on its own, to see whether sharing {CONTROL}'s rate held it back.",
+                    f"rate in bold. The other HiFi variants run at {CONTROL}'s rate, except those tuned on their own: "
+                    "hifi-pagerank-own-rate is the rate check (PageRank tuned on its own, to see whether sharing "
+                    f"{CONTROL}'s rate held it back), and a variant with another number of heads is a configuration "
+                    "of its own.",
                     ("task", "size", "method", "rate: validation accuracy %"), lines)
 
 
@@ -866,9 +853,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="drop the records whose key (task/nSIZE/split/method/lrLR/seedS) matches, e.g. "
                         "'*/hifi-pagerank/*' after a score's definition changed; they run again")
     parser.add_argument("--verbose", action="store_true", help="the runs' own progress output")
-    parser.add_argument("--rate-check", action="store_true",
-                        help=f"tune the listed HiFi variants' own rates on validation (they run at {CONTROL}'s): "
-                        "does sharing the control's rate favour the control?")
     args = parser.parse_args(argv)
     tasks, sizes, seeds = parse_list(args.tasks), parse_list(args.sizes, int), parse_list(args.seeds, int)
     methods = expand_methods(parse_list(args.methods))
@@ -887,15 +871,7 @@ def main(argv: list[str] | None = None) -> None:
         study.report()
     else:
         study._code = selection_code_hash()
-        if args.rate_check:
-            for size in sizes:
-                for task in tasks:
-                    for name in methods:
-                        if BY_NAME[name].lr_from == CONTROL:
-                            study.own_rate(task, size, name)
-            study.report()
-        else:
-            study.execute(tasks, sizes, seeds, methods)
+        study.execute(tasks, sizes, seeds, methods)
     print(f"report: {study.docs_dir / 'selection_study.md'}")
 
 

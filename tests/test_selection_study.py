@@ -105,25 +105,19 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch): 
     assert len(make_study(tmp_path, tiny_model_dir).records) == len(records) - 2
 
 
-def test_rate_check_tunes_a_variant_on_its_own(tmp_path, tiny_model_dir):  # noqa: F811
+@pytest.mark.parametrize("variant", ["pagerank-own-rate", "random-k1"])
+def test_a_variant_with_its_own_grid_is_tuned_and_trained_on_its_own(tmp_path, tiny_model_dir, variant):  # noqa: F811
+    name = f"hifi-{variant}"
     study = make_study(tmp_path, tiny_model_dir)
-    own = study.own_rate("tiny", 8, "hifi-pagerank")
-    assert {(r["method"], r["split"]) for r in study.records.values()} == {("hifi-pagerank", "val")}
-    assert own in {r["lr"] for r in study.records.values()}
-    shared = study.chosen_lr("tiny", 8, study_module.BY_NAME["hifi-pagerank"])  # runs the control's grid
-    study.report()
-    report = (tmp_path / "docs" / "selection_study.md").read_text()
-    verdict = "is" if own == shared else "is not"
-    assert f"rate check: its own best {verdict} the hifi-random rate it ran at ({shared:g})" in report
-
-
-def test_a_variant_with_another_head_count_trains_that_many_at_its_own_rate(tmp_path, tiny_model_dir):  # noqa: F811
-    study = make_study(tmp_path, tiny_model_dir)
-    study.execute(["tiny"], [8], [0], ["hifi-random", "hifi-random-k1"])
-    for name in ("hifi-random", "hifi-random-k1"):  # each tuned on its own grid (an edge may extend it)
-        tried = {r["lr"] for r in study.records.values() if (r["method"], r["split"]) == (name, "val")}
+    study.execute(["tiny"], [8], [0], ["hifi-random", name])
+    for tuned in ("hifi-random", name):  # each on its own grid (an edge may extend it)
+        tried = {r["lr"] for r in study.records.values() if (r["method"], r["split"]) == (tuned, "val")}
         assert tried >= set(study_module.HIFI_GRID)
-    heads = {r["method"]: r["selected_heads"] for r in study.records.values() if r["split"] == "eval"}
-    assert {len(h) for h in heads["hifi-random-k1"].values()} == {1}
-    assert {len(h) for h in heads["hifi-random"].values()} == {study_module.HEADS_PER_LAYER}
-    assert "(except hifi-random-k1: 1)" in (tmp_path / "docs" / "selection_study.md").read_text()
+    own = study.chosen_lr("tiny", 8, study_module.BY_NAME[name], tune=False)
+    control = study.chosen_lr("tiny", 8, study_module.BY_NAME["hifi-random"], tune=False)
+    run = study.records[study.key("tiny", 8, "eval", name, own, 0)]
+    per_layer = study_module.HIFI_VARIANTS[variant].heads_per_layer
+    assert {len(heads) for heads in run["selected_heads"].values()} == {per_layer}
+    report = (tmp_path / "docs" / "selection_study.md").read_text()
+    assert f"{'the same as' if own == control else 'not'} hifi-random's ({control:g})" in report
+    assert "(except hifi-random-k1: 1)" in report
