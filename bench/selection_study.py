@@ -558,7 +558,7 @@ def _plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({task for task, _, _ in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks) + 2, 4.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, method in enumerate(m.name for m in METHODS):
             points = [(size, [100 * r["accuracy"] for r in runs[task, size, method].values()])
@@ -567,8 +567,9 @@ def _plot(runs: dict, path: Path) -> None:
                 continue
             sizes = [s * (1 + 0.025 * (i - 4)) for s, _ in points]  # a small offset: bars stay readable
             means, halves = zip(*(t_interval(v) for _, v in points))
-            ax.errorbar(sizes, means, yerr=[0 if math.isnan(h) else h for h in halves], marker="o", capsize=3,
-                        label=method, linestyle="--" if not method.startswith("hifi-") else "-")
+            hifi = method.startswith("hifi-")  # baselines: dashed, square markers
+            ax.errorbar(sizes, means, yerr=[0 if math.isnan(h) else h for h in halves], capsize=3, label=method,
+                        color=plt.get_cmap("tab20")(i % 20), marker="o" if hifi else "s", linestyle="-" if hifi else "--")
         ax.set_xscale("log", base=2)
         ax.set_xlim(SIZES[0] / 1.5, SIZES[-1] * 1.5)
         ax.set_xticks(SIZES, [str(s) for s in SIZES])
@@ -577,7 +578,7 @@ def _plot(runs: dict, path: Path) -> None:
         ax.set_title(f"{task}: MiniLM-L6")
         ax.grid(alpha=0.3)
     if axes[0][-1].get_legend_handles_labels()[0]:
-        axes[0][-1].legend(fontsize=8, loc="lower right")
+        axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: hides no line
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
