@@ -569,7 +569,8 @@ def _plot(runs: dict, path: Path) -> None:
             means, halves = zip(*(t_interval(v) for _, v in points))
             hifi = method.startswith("hifi-")  # baselines: dashed, square markers
             ax.errorbar(sizes, means, yerr=[0 if math.isnan(h) else h for h in halves], capsize=3, label=method,
-                        color=plt.get_cmap("tab20")(i % 20), marker="o" if hifi else "s", linestyle="-" if hifi else "--")
+                        color=plt.get_cmap("tab20")(i % 20), marker="o" if hifi else "s",
+                        linestyle="-" if hifi else "--")
         ax.set_xscale("log", base=2)
         ax.set_xlim(SIZES[0] / 1.5, SIZES[-1] * 1.5)
         ax.set_xticks(SIZES, [str(s) for s in SIZES])
