@@ -770,11 +770,11 @@ def _validation_lines(study: SelectionStudy) -> list[str]:
         chosen = study.chosen_lr(task, size, BY_NAME[name], tune=False)
         cells = [f"**{lr:g}: {100 * r['accuracy']:.2f}**" if lr == chosen else f"{lr:g}: {100 * r['accuracy']:.2f}"
                  for lr, r in sorted(by_lr.items())]
-        edge = " (at the edge of the rates tried)" if chosen in (min(by_lr), max(by_lr)) and len(by_lr) > 1 else ""
+        remarks = " (at the edge of the rates tried)" if chosen in (min(by_lr), max(by_lr)) and len(by_lr) > 1 else ""
         control = study.chosen_lr(task, size, BY_NAME[CONTROL], tune=False) if name.startswith("hifi-") else None
         if name != CONTROL and None not in (chosen, control):
-            edge += f"; {'the same as' if chosen == control else 'not'} {CONTROL}'s ({control:g})"
-        lines.append(f"| {task} | {size} | {name} | {', '.join(cells)}{edge} |")
+            remarks += f"; {'the same as' if chosen == control else 'not'} {CONTROL}'s ({control:g})"
+        lines.append(f"| {task} | {size} | {name} | {', '.join(cells)}{remarks} |")
     return _section("Learning rates on the validation split",
                     f"Validation accuracy of each rate tried, training on seed {TUNE_SEED}'s training set; the chosen "
                     f"rate in bold. The other HiFi variants run at {CONTROL}'s rate, except those tuned on their own: "
