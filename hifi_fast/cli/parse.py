@@ -52,7 +52,9 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                        "1: oversubscribed cores slow CPU training several-fold)")
 
     hifi = parser.add_argument_group("HiFi")
-    hifi.add_argument("--heads-per-layer", type=int, default=2, help="k heads trained per layer (default: 2)")
+    hifi.add_argument("--heads-per-layer", type=int, default=2,
+                      help="k heads trained per layer (default: 2; 1 did worse with few examples in "
+                      "docs/selection_study.md)")
     hifi.add_argument("--score", default="random",
                       choices=("pagerank", "richness", "correlation", "random", "importance", "gradient"),
                       help="head ranking (default: random: seeded, no scoring pass; no score beat it in "
