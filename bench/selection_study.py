@@ -89,9 +89,11 @@ HIFI_VARIANTS = {
                                   ("--task-head", "initial")),
     "gradient-initial": Variant("gradient", "task-aware: L1 norm of each head's slice gradient (as Sparse Matrix "
                                 "Tuning), classifier as before scoring", ("--task-head", "initial")),
-    # the rate check: PageRank at the rate it picks for itself on validation instead of random
+    # the rate checks: a score at the rate it picks for itself on validation instead of random
     # heads' (does sharing the control's rate favour the control?)
     "pagerank-own-rate": Variant("pagerank", "HiFi: PageRank at its own validation-tuned rate", own_grid=True),
+    "importance-own-rate": Variant("importance", "task-aware importance at its own validation-tuned rate",
+                                   own_grid=True),
     # the cheaper configuration: half the heads (and trainable attention parameters) of the others
     "random-k1": Variant("random", "random heads, 1 per layer; its own rate", heads_per_layer=1, own_grid=True),
 }
@@ -387,22 +389,27 @@ class SelectionStudy:
         return record
 
     def _same_selection(self, task, size, split, method, lr, seed) -> dict | None:
-        """A finished run of another HiFi variant that trained exactly the heads ``method`` would
-        (same task, size, split, seed and rate, no other option), copied with ``same_as``; ``None``
-        if there is none."""
+        """A finished run of another method that made the same computation as ``method`` would (same
+        task, size, split, seed and rate, and the same options, or for HiFi variants with no other
+        option the same heads), copied with ``same_as``; ``None`` if there is none."""
+        def finished(same) -> list[dict]:
+            runs = [self.records.get(self.key(task, size, split, other.name, lr, seed))
+                    for other in METHODS if other.name != method.name and same(other)]
+            return [r for r in runs if r and not r.get("same_as")]
+
+        def copy(done: dict) -> dict:
+            return {**{k: v for k, v in done.items() if k not in ("key", "method")}, "same_as": done["method"]}
+
+        same_options = finished(lambda other: other.args == method.args)
+        if same_options:
+            return copy(same_options[0])
         if not _predictable(method):
             return None
-        finished = [self.records.get(self.key(task, size, split, other.name, lr, seed))
-                    for other in METHODS if other.name != method.name and _predictable(other)]
-        finished = [r for r in finished if r and not r.get("same_as")]
-        if not finished:  # nothing to copy from: no scoring pass needed
+        candidates = finished(_predictable)
+        if not candidates:  # nothing to copy from: no scoring pass needed
             return None
         heads = self.predicted(task, size, seed)[score_of(method)]
-        for done in finished:
-            if done["selected_heads"] == heads:
-                copied = {k: v for k, v in done.items() if k not in ("key", "method")}
-                return {**copied, "same_as": done["method"]}
-        return None
+        return next((copy(done) for done in candidates if done["selected_heads"] == heads), None)
 
     def predicted(self, task: str, size: int, seed: int) -> dict[str, dict]:
         """The heads each predictable score selects for this training set: one scoring pass, as
@@ -778,7 +785,7 @@ def _validation_lines(study: SelectionStudy) -> list[str]:
     return _section("Learning rates on the validation split",
                     f"Validation accuracy of each rate tried, training on seed {TUNE_SEED}'s training set; the chosen "
                     f"rate in bold. The other HiFi variants run at {CONTROL}'s rate, except those tuned on their own: "
-                    "hifi-pagerank-own-rate is the rate check (PageRank tuned on its own, to see whether sharing "
+                    "the `-own-rate` variants are the rate check (a score tuned on its own, to see whether sharing "
                     f"{CONTROL}'s rate held it back), and a variant with another number of heads is a configuration "
                     "of its own.",
                     ("task", "size", "method", "rate: validation accuracy %"), lines)

@@ -121,3 +121,16 @@ def test_a_variant_with_its_own_grid_is_tuned_and_trained_on_its_own(tmp_path, t
     report = (tmp_path / "docs" / "selection_study.md").read_text()
     assert f"{'the same as' if own == control else 'not'} hifi-random's ({control:g})" in report
     assert "(except hifi-random-k1: 1)" in report
+
+
+def test_same_options_rate_and_seed_copy_the_run(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
+    study = make_study(tmp_path, tiny_model_dir)
+    done = study.run("tiny", 8, "eval", study_module.BY_NAME["hifi-importance"], 1e-3, 0)
+
+    def no_run(*_, **__):
+        raise AssertionError("the same computation was run again")
+
+    monkeypatch.setattr("hifi_fast.cli.classify.run_finetune", no_run)
+    copied = study.run("tiny", 8, "eval", study_module.BY_NAME["hifi-importance-own-rate"], 1e-3, 0)
+    assert copied["same_as"] == "hifi-importance" and copied["method"] == "hifi-importance-own-rate"
+    assert (copied["accuracy"], copied["selected_heads"]) == (done["accuracy"], done["selected_heads"])
