@@ -26,7 +26,9 @@ Protocol (also written into the report):
    seed-0 training set (``TUNE_SEED``); a grid whose best rate is at an edge is extended by one
    value past it. The HiFi selection variants share one rate per task and size, the one chosen
    for random heads (the control every difference is taken against), so that they differ only in
-   which heads train; a variant that trains a different number of heads is tuned on its own.
+   which heads train; a variant that trains a different number of heads is tuned on its own, and
+   the ``-own-rate`` variants (PageRank, importance) are too, to check that sharing the control's
+   rate does not favour it.
 4. Every method then runs with its rate on every seed; differences against random heads are paired
    (same seed, same training set, same classifier initialisation) with a 95% t-interval over seeds.
 
@@ -666,7 +668,8 @@ def _setup_lines(study: SelectionStudy) -> list[str]:
         f"- Learning rates: per task, size and method, the best validation accuracy of a small grid, training on "
         f"seed {TUNE_SEED}'s training set; a best rate at the edge of its grid adds one rate beyond it. The HiFi "
         f"variants at {HEADS_PER_LAYER} heads per layer share the rate chosen for {CONTROL}, so they differ only in "
-        "which heads train; a variant with another number of heads is tuned on its own. Grids: "
+        "which heads train; a variant with another number of heads is tuned on its own, and so are the "
+        "`-own-rate` variants (the rate check). Grids: "
         + "; ".join(f"{m.name} {', '.join(f'{lr:g}' for lr in m.lr_grid)}" for m in METHODS if m.lr_grid) + ".",
         f"- HiFi: {HEADS_PER_LAYER} heads per layer ({_other_head_counts()}), scored on the training set itself "
         "(up to 256 examples); "
