@@ -728,13 +728,13 @@ def _section(title: str, intro: str, columns: Sequence[str], rows: list[str]) ->
     return ["", f"## {title}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows]
 
 
-def _pairs(runs: dict, reference: str, hifi_only: bool = False):
+def _pairs(runs: dict, reference: str, include: Callable[[str], bool]):
     """``(task, size, method, [(run, reference's run) per seed both have])`` for every other method."""
     order = {m.name: i for i, m in enumerate(METHODS)}
     for task, size, method in sorted(runs, key=lambda k: (k[0], k[1], order[k[2]])):
         seeds, ref = runs[task, size, method], runs.get((task, size, reference), {})
         common = sorted(set(seeds) & set(ref))
-        if method != reference and common and (method.startswith("hifi-") or not hifi_only):
+        if method != reference and common and include(method):
             yield task, size, method, [(seeds[s], ref[s]) for s in common]
 
 
@@ -752,21 +752,28 @@ def _overlap_row(task, size, method, pairs) -> str:
             f"{sum(s == 1 for s in shares)} |")
 
 
-PAIR_SECTIONS = (  # title, text, columns, the method paired with, HiFi variants only, row
+def _same_head_count(method: str) -> bool:
+    """A HiFi variant selecting as many heads per layer as the others (so overlaps compare like with like)."""
+    variant = HIFI_VARIANTS.get(method.removeprefix("hifi-")) if method.startswith("hifi-") else None
+    return variant is not None and variant.heads_per_layer == HEADS_PER_LAYER
+
+
+PAIR_SECTIONS = (  # title, text, columns, the method paired with, which methods, row
     ("Paired differences against random heads", "Accuracy points, same seed and data; mean [95 % t-interval over "
      "seeds]. An interval that excludes 0 is a difference the seeds resolve.",
-     ("task", "size", "comparison", "seeds", "mean [95 % CI]", "per seed"), CONTROL, False, _diff_row),
+     ("task", "size", "comparison", "seeds", "mean [95 % CI]", "per seed"), CONTROL, lambda _: True, _diff_row),
     ("How far the selections differ from PageRank's", "Share of the selected heads that PageRank also selects, "
-     "per seed, averaged; and the seeds on which the two selections are identical.",
+     "per seed, averaged; and the seeds on which the two selections are identical (variants that select as many "
+     "heads per layer as PageRank).",
      ("task", "size", "variant", "seeds", "heads shared with PageRank", "identical selections"), "hifi-pagerank",
-     True, _overlap_row),
+     _same_head_count, _overlap_row),
 )
 
 
 def _pair_lines(runs: dict) -> list[str]:
     lines = []
-    for title, text, columns, reference, hifi_only, row in PAIR_SECTIONS:
-        lines += _section(title, text, columns, [row(*pair) for pair in _pairs(runs, reference, hifi_only)])
+    for title, text, columns, reference, include, row in PAIR_SECTIONS:
+        lines += _section(title, text, columns, [row(*pair) for pair in _pairs(runs, reference, include)])
     return lines
 
 

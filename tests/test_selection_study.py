@@ -134,3 +134,8 @@ def test_same_options_rate_and_seed_copy_the_run(tmp_path, tiny_model_dir, monke
     copied = study.run("tiny", 8, "eval", study_module.BY_NAME["hifi-importance-own-rate"], 1e-3, 0)
     assert copied["same_as"] == "hifi-importance" and copied["method"] == "hifi-importance-own-rate"
     assert (copied["accuracy"], copied["selected_heads"]) == (done["accuracy"], done["selected_heads"])
+
+
+def test_head_overlaps_compare_variants_with_pageranks_head_count():
+    assert study_module._same_head_count("hifi-pagerank") and study_module._same_head_count("hifi-importance-initial")
+    assert not study_module._same_head_count("hifi-random-k1") and not study_module._same_head_count("lora-r8")
