@@ -754,7 +754,7 @@ def _overlap_row(task, size, method, pairs) -> str:
 
 def _same_head_count(method: str) -> bool:
     """A HiFi variant selecting as many heads per layer as the others (so overlaps compare like with like)."""
-    variant = HIFI_VARIANTS.get(method.removeprefix("hifi-")) if method.startswith("hifi-") else None
+    variant = HIFI_VARIANTS.get(method.removeprefix("hifi-"))  # None for the baselines
     return variant is not None and variant.heads_per_layer == HEADS_PER_LAYER
 
 
