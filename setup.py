@@ -9,10 +9,8 @@ import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["hifi_fast", "hifi_fast.adapters", "hifi_fast.cli", "hifi_fast.ops", "hifi_fast.kernels"]
-PACKAGE_DIR = {"hifi_fast.kernels": "kernels"}
 
 
 def _flag(name: str) -> bool:
@@ -52,4 +50,5 @@ def cuda_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+# Only hifi_fast and its sub-packages: no other top-level name is installed (bench/, tests/ stay in the repo).
+setup(packages=find_packages(include=["hifi_fast", "hifi_fast.*"]), ext_modules=ext_modules, cmdclass=cmdclass)

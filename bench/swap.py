@@ -32,7 +32,7 @@ import torch
 
 import hifi_fast
 from hifi_fast.adapters import attention_layers, get_adapter
-from hifi_fast.baselines import LORA_TARGETS
+from hifi_fast.baselines import lora_targets
 from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 from .setup_methods import build_model, make_batch
@@ -105,10 +105,9 @@ def lora_model(base: torch.nn.Module):
     initialised (so that merging does real work), the task head in ``modules_to_save``."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    family = get_adapter(base).family
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, init_lora_weights=False,
-        target_modules=LORA_TARGETS[family], modules_to_save=get_adapter(base).default_modules_to_save(base),
+        target_modules=lora_targets(base), modules_to_save=get_adapter(base).default_modules_to_save(base),
     )
     torch.manual_seed(1)
     model = get_peft_model(copy.deepcopy(base), config, adapter_name=ADAPTERS[0])

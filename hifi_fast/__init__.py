@@ -2,7 +2,7 @@
 
 >>> import hifi_fast
 >>> scores = hifi_fast.score_heads(model, batches)
->>> selection = hifi_fast.select_heads(scores, hifi_fast.HiFiConfig(heads_per_layer=2))
+>>> selection = hifi_fast.select_heads(scores, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2))
 >>> model = hifi_fast.patch(model, selection)
 """
 from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError

@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import get_adapter
-
-LORA_TARGETS = {
-    "bert": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-}
+from .adapters import attention_layers, get_adapter
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """``peft`` LoRA on the query/value projections (GPT-2: the fused ``c_attn``), task head trained
-    in full; returns the ``PeftModel``."""
+def lora_targets(model: nn.Module, projections: str = "qv") -> list[str]:
+    """Full module names of the attention projections ``projections`` (letters of ``"qkvo"``) in every
+    layer; a fused Q/K/V projection (GPT-2's ``c_attn``) stands for each of q, k and v."""
+    if not projections or set(projections) - set("qkvo"):
+        raise ValueError(f"LoRA projections must be letters of 'qkvo', got {projections!r}")
+    names: list[str] = []
+    for layer in attention_layers(model):
+        for part in projections:
+            name = getattr(layer, part) or layer.qkv
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: int | None = None, dropout: float = 0.0,
+               projections: str = "qv") -> nn.Module:
+    """``peft`` LoRA on the attention projections ``projections`` (default query/value, peft's usual
+    targets; GPT-2: the fused ``c_attn``), task head trained in full; returns the ``PeftModel``."""
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
@@ -24,7 +32,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: int | None = None, dropout: 
     adapter = get_adapter(model)
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
-        target_modules=LORA_TARGETS[adapter.family], modules_to_save=adapter.default_modules_to_save(model),
+        target_modules=lora_targets(model, projections), modules_to_save=adapter.default_modules_to_save(model),
     )
     return get_peft_model(model, config)
 

@@ -10,6 +10,11 @@ TASK_SCORES = ("importance", "gradient")  # scored from the task's loss: labelle
 WARMUP_STEPS = 200
 WARMUP_LR = 1e-3
 SELECTIONS = ("per_layer", "global")
+# The defaults the selection study supports (docs/selection_study.md): no score beat random heads at
+# 64 to 6,000 examples, and 1 head per layer did worse than 2 with few examples. Random heads need
+# no scoring pass, so ``hifi_fast.patch(model)`` needs nothing but the model.
+DEFAULT_HEADS_PER_LAYER = 2
+DEFAULT_SCORE = "random"
 
 
 @dataclass
@@ -17,12 +22,14 @@ class HiFiConfig:
     """How heads are scored, how many are selected and what else trains.
 
     Args:
-        heads_per_layer: ``k``, the heads trained per layer (``k * L`` in all for ``selection="global"``).
+        heads_per_layer: ``k``, the heads trained per layer (``k * L`` in all for ``selection="global"``);
+            default 2 (``DEFAULT_HEADS_PER_LAYER``) unless ``trainable_param_budget`` is set.
         trainable_param_budget: instead of ``k``, the largest ``k`` whose head slices fit this many
             parameters (task head not counted). Setting both is an error.
-        score: how heads are ranked.
+        score: how heads are ranked; default ``"random"`` (no scoring pass), the choice the selection
+            study supports (``docs/selection_study.md``: no score beat random heads).
 
-            - ``"pagerank"`` (default, HiFi; DESIGN §1.4): personalised PageRank per layer on the
+            - ``"pagerank"`` (HiFi; DESIGN §1.4): personalised PageRank per layer on the
               graph whose edge weights are the heads' mean linear CKA (no self loops, columns
               normalised), with the heads' information richness (mean singular-value entropy)
               normalised to sum 1 as the teleport vector: ``s = (1 - d) v + d P s``. The paper's
@@ -62,9 +69,9 @@ class HiFiConfig:
             scores only, and the model leaves the scoring pass as it came in).
     """
 
-    heads_per_layer: int | None = 1
+    heads_per_layer: int | None = None
     trainable_param_budget: int | None = None
-    score: str = "pagerank"
+    score: str = DEFAULT_SCORE
     selection: str = "per_layer"
     num_scoring_examples: int = 256
     damping: float = 0.85
@@ -77,15 +84,14 @@ class HiFiConfig:
 
     def __post_init__(self) -> None:
         if self.trainable_param_budget is not None:
-            if self.heads_per_layer not in (None, 1):
+            if self.heads_per_layer is not None:
                 raise ValueError(
                     "HiFiConfig: set either heads_per_layer or trainable_param_budget, not both"
                 )
-            self.heads_per_layer = None
             _check_positive_int("trainable_param_budget", self.trainable_param_budget)
-        elif self.heads_per_layer is None:
-            raise ValueError("HiFiConfig: one of heads_per_layer or trainable_param_budget is required")
         else:
+            if self.heads_per_layer is None:
+                self.heads_per_layer = DEFAULT_HEADS_PER_LAYER
             _check_positive_int("heads_per_layer", self.heads_per_layer)
         if self.score not in SCORES:
             raise ValueError(f"HiFiConfig: score={self.score!r} is not one of {SCORES}")

@@ -111,16 +111,21 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
 
 def patch(
     model: nn.Module,
-    selection: HeadSelection | HiFiConfig,
+    selection: HeadSelection | HiFiConfig | None = None,
     batches: Iterable[dict] | None = None,
     modules_to_save: list[str] | None = None,
     master_dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Make only the selected heads' Q/K/V/O slices and the task head trainable, in place.
 
+    ``patch(model)`` trains 2 random heads per layer (seeded, no scoring pass: ``HiFiConfig()``'s
+    defaults, which the selection study supports); ``patch(model, HiFiConfig(score="pagerank"), batches)``
+    selects HiFi's way.
+
     Args:
         model: a supported ``transformers`` model (see ``hifi_fast.SUPPORTED_MODEL_TYPES``).
-        selection: a ``HeadSelection``, or a ``HiFiConfig`` to score ``batches`` and select by.
+        selection: a ``HeadSelection``, or a ``HiFiConfig`` to select by (scoring ``batches`` unless its
+            score is ``"random"``); ``None``: ``HiFiConfig()``.
         batches: scoring batches (dicts with ``input_ids``/``attention_mask``, or ``pixel_values``), with a config
             only; ``score="random"`` needs none (no scoring pass).
         modules_to_save: modules trained in full; default: the config's, else the task head.
@@ -132,6 +137,8 @@ def patch(
     """
     if is_patched(model):
         raise ValueError("model is already patched by hifi_fast; call hifi_fast.unpatch(model) first")
+    if selection is None:
+        selection = HiFiConfig()
     if isinstance(selection, HiFiConfig):
         config = selection
         selection = select_for_config(model, batches, config)

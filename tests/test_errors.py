@@ -79,7 +79,6 @@ def test_unsupported_model_lists_supported_types():
     [
         ({"heads_per_layer": 0}, "heads_per_layer must be an integer >= 1"),
         ({"heads_per_layer": 2, "trainable_param_budget": 10}, "not both"),
-        ({"heads_per_layer": None}, "one of heads_per_layer or trainable_param_budget is required"),
         ({"score": "entropy"}, "score='entropy' is not one of"),
         ({"selection": "best"}, "selection='best' is not one of"),
         ({"damping": 1.0}, "damping must be in"),
@@ -94,9 +93,9 @@ def test_config_errors(kwargs, message):
 
 def test_k_beyond_the_model_or_budget_is_refused():
     with pytest.raises(ValueError, match="heads_per_layer=6 exceeds the model's 5 heads"):
-        hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(heads_per_layer=6))
+        hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=6))
     with pytest.raises(ValueError, match=r"trainable_param_budget=399 is below one head per layer \(4 layers x 100"):
-        hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(trainable_param_budget=399))
+        hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(score="pagerank", trainable_param_budget=399))
 
 
 @pytest.mark.parametrize(
@@ -143,9 +142,9 @@ def test_patch_twice_and_unpatch_unpatched():
     "args, kwargs, error, message",
     [
         (({0: [1]},), {}, TypeError, "selection must be a HeadSelection or HiFiConfig, got dict"),
-        ((hifi_fast.HiFiConfig(),), {}, ValueError, "score=.pagerank. needs scoring batches .batches=...."),
+        ((hifi_fast.HiFiConfig(score="pagerank"),), {}, ValueError, "score=.pagerank. needs scoring batches .batches=...."),
         ((hifi_fast.HeadSelection({0: [1]}),), {"modules_to_save": ["nope"]}, ValueError, r"modules_to_save names \['nope'\]"),
-        ((hifi_fast.HiFiConfig(heads_per_layer=5),), {"batches": [tiny_batch()]}, ValueError, "heads_per_layer=5 exceeds the model's 4 heads"),
+        ((hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=5),), {"batches": [tiny_batch()]}, ValueError, "heads_per_layer=5 exceeds the model's 4 heads"),
     ],
 )
 def test_bad_patch_arguments(args, kwargs, error, message):

@@ -298,7 +298,7 @@ def test_score_for_config_and_patch():
     selection = hifi_fast.select_heads(scores, cfg)
     hifi_fast.patch(model, selection)
     model(**tiny_batch()).loss.backward()
-    assert score_for_config(tiny_model("bert"), _batches(), hifi_fast.HiFiConfig()).importance is None
+    assert score_for_config(tiny_model("bert"), _batches(), hifi_fast.HiFiConfig(score="pagerank")).importance is None
 
 
 def test_patch_with_importance_config():

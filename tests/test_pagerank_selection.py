@@ -39,13 +39,13 @@ def test_pagerank_permutation_equivariant():
 def test_per_layer_top_k_with_ties_to_lower_index():
     s = random_scores(num_layers=2, num_heads=4)
     s.pagerank = torch.tensor([[0.1, 0.3, 0.3, 0.3], [0.4, 0.1, 0.4, 0.1]], dtype=torch.float64)
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=2))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2))
     assert sel.heads == {0: [1, 2], 1: [0, 2]}
 
 
 def test_per_layer_selection_is_argmax_of_pagerank():
     s = random_scores()
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=3))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=3))
     for layer, heads in sel.heads.items():
         expected = sorted(sorted(range(5), key=lambda h: (-float(s.pagerank[layer, h]), h))[:3])
         assert heads == expected
@@ -54,11 +54,11 @@ def test_per_layer_selection_is_argmax_of_pagerank():
 def test_global_selection_uses_layer_normalised_scores():
     s = random_scores(num_layers=2, num_heads=3)
     s.pagerank = torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]], dtype=torch.float64)
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=1, selection="global"))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=1, selection="global"))
     assert sel.heads == {0: [0], 1: [0]}
     # unnormalised, layer 0's large scores would take three of the four places
     s.pagerank = torch.tensor([[4.0, 4.0, 2.0], [0.5, 0.45, 0.05]], dtype=torch.float64)
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=2, selection="global"))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2, selection="global"))
     assert sel.heads == {0: [0, 1], 1: [0, 1]} and sel.num_heads == 4
 
 
@@ -76,7 +76,7 @@ def test_score_ablations():
 
 def test_damping_is_honoured():
     s = random_scores()
-    cfg = hifi_fast.HiFiConfig(heads_per_layer=1, damping=0.3)
+    cfg = hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=1, damping=0.3)
     from hifi_fast.selection import ranking_scores
 
     torch.testing.assert_close(ranking_scores(s, cfg), pagerank(s.correlation, s.richness, 0.3))
@@ -84,15 +84,15 @@ def test_damping_is_honoured():
 
 def test_parameter_budget_derives_k():
     s = random_scores(num_layers=4, num_heads=5, params_per_head=100)
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(trainable_param_budget=1250))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", trainable_param_budget=1250))
     assert all(len(h) == 3 for h in sel.heads.values())
     with pytest.raises(ValueError, match="below one head per layer"):
-        hifi_fast.select_heads(s, hifi_fast.HiFiConfig(trainable_param_budget=399))
+        hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", trainable_param_budget=399))
 
 
 def test_selection_json_round_trip():
     s = random_scores()
-    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(heads_per_layer=2))
+    sel = hifi_fast.select_heads(s, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2))
     back = hifi_fast.HeadSelection.from_json(sel.to_json())
     assert back == sel and back.heads == sel.heads
     torch.testing.assert_close(back.scores.pagerank, s.pagerank)
@@ -115,7 +115,7 @@ def test_random_heads_need_no_scores(config):
     got = select_random_heads(4, 5, 100, cfg)
     assert got == expected[0] == expected[1] and got.scores is None
     with pytest.raises(ValueError, match="it selects for 'random' only"):
-        select_random_heads(4, 5, 100, hifi_fast.HiFiConfig())
+        select_random_heads(4, 5, 100, hifi_fast.HiFiConfig(score="pagerank"))
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])

@@ -186,7 +186,7 @@ def test_adamw_steps_reach_the_next_forward_and_unpatch_restores_plain_model(fam
 
 def test_patch_with_config_scores_and_selects():
     model = tiny_model("llama")
-    cfg = hifi_fast.HiFiConfig(heads_per_layer=2, num_scoring_examples=6)
+    cfg = hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2, num_scoring_examples=6)
     hifi_fast.patch(model, cfg, batches=[tiny_batch(), tiny_batch(seed=1)])
     selection = model.hifi_state.selection
     assert all(len(h) == 2 for h in selection.heads.values()) and len(selection.heads) == 3

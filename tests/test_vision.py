@@ -254,7 +254,7 @@ def test_unpatch_returns_the_plain_model_with_the_same_outputs(name):
 
 def test_patch_with_config_scores_pixel_batches():
     model = tiny_vision_model("deit")
-    hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=2, num_scoring_examples=5), batches=[pixel_batch(), pixel_batch(seed=1)])
+    hifi_fast.patch(model, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=2, num_scoring_examples=5), batches=[pixel_batch(), pixel_batch(seed=1)])
     selection = model.hifi_state.selection
     assert selection.scores.num_examples == 5 and all(len(h) == 2 for h in selection.heads.values())
 
@@ -295,7 +295,7 @@ def test_clip_model_towers_patch_train_save_and_unpatch_on_their_own(tmp_path):
     vision_scores = hifi_fast.score_heads(model.vision_model, [pixels])
     text_scores = hifi_fast.score_heads(model.text_model, [text])
     assert vision_scores.richness.shape == (2, 4) and text_scores.richness.shape == (3, 2)
-    config = hifi_fast.HiFiConfig(heads_per_layer=1)
+    config = hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=1)
     for tower, scores in ((model.vision_model, vision_scores), (model.text_model, text_scores)):
         hifi_fast.patch(tower, hifi_fast.select_heads(scores, config))
     rest = {n for n, p in model.named_parameters() if p.requires_grad and "hifi_" not in n}
@@ -354,7 +354,7 @@ def test_multihead_attention_is_refused_naming_the_module(model_type):
         lambda: get_adapter(model),
         lambda: hifi_fast.score_heads(model, [pixel_batch()]),
         lambda: hifi_fast.patch(model, hifi_fast.HeadSelection({0: [0]})),
-        lambda: hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=1), batches=[pixel_batch()]),
+        lambda: hifi_fast.patch(model, hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=1), batches=[pixel_batch()]),
     )
     with unchanged(model):
         for call in calls:

@@ -1,4 +1,4 @@
-"""Triton kernels of hifi_fast, installed as ``hifi_fast.kernels``.
+"""Triton kernels of hifi_fast.
 
 Same op names and signatures as ``hifi_fast.ops`` (the PyTorch reference). ``AVAILABLE`` says
 whether Triton imports here (``UNAVAILABLE_REASON`` says why not); the dispatcher

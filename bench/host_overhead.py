@@ -1,0 +1,212 @@
+"""``python -m bench.host_overhead``: what a training step costs the host, per method.
+
+On a GPU, small and medium models are launch-bound: the step's cost is what the host does per op
+(Python, dispatcher, autograd) and the number of ops (one launch each). This benchmark makes that
+cost visible on a CPU by shrinking the compute to almost nothing: models of real depth (16 layers)
+and tiny width (hidden 64), batch 2 x 16 tokens, one thread. Per method (frozen backbone with input
+gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tuning), it reports
+
+- leaf ops per step, counted by the profiler (views and metadata ops left out): forward + backward,
+  and the optimizer step apart. Deterministic: no noise;
+- host milliseconds per step (zero_grad, forward, backward, fused AdamW step): the methods run in
+  interleaved rounds, each round's median step per method, and ratios paired round by round;
+- the same with ``torch.compile`` of the model (``--compiled``; 4 layers, compiling costs minutes
+  here), with the graph breaks and recompiles seen while timing.
+
+Writes ``bench/results/host-overhead/host_overhead.{md,json}`` (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import hifi_fast
+from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
+
+METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
+SHAPES = ("llama", "bert")
+# Ops that only make views or read metadata: no launch on a GPU.
+METADATA_OPS = {
+    "alias", "as_strided", "chunk", "contiguous", "detach", "detach_", "empty", "empty_like", "empty_strided",
+    "expand", "expand_as", "flatten", "is_same_size", "lift_fresh", "narrow", "new_empty", "new_empty_strided",
+    "permute", "reshape", "_reshape_alias", "resolve_conj", "resolve_neg", "result_type", "select", "slice",
+    "split", "split_with_sizes", "squeeze", "t", "to", "transpose", "unbind", "unflatten", "unsqueeze", "view",
+    "view_as", "_unsafe_view", "_has_compatible_shallow_copy_type", "numpy_T", "set_", "resize_",
+}
+
+
+def build_model(shape: str, layers: int) -> torch.nn.Module:
+    """A randomly initialised sequence classifier of real depth and tiny width."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, LlamaConfig
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=8, num_labels=3)
+    config = (LlamaConfig(num_key_value_heads=2, pad_token_id=0, **common) if shape == "llama"
+              else BertConfig(max_position_embeddings=64, **common))
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
+    """``model`` set up for ``method`` (see the module docstring)."""
+    if method == "frozen":
+        return freeze_backbone(model, input_grads=True)
+    if method == "hifi":
+        return hifi_fast.patch(model)  # the default: 2 random heads per layer, no scoring pass
+    if method == "full":
+        return train_everything(model)
+    return apply_lora(model, r=8, projections=method.split("-")[1])
+
+
+class Run:
+    """One method's model, optimizer and batch, and its training step."""
+
+    def __init__(self, shape: str, method: str, layers: int, compiled: bool) -> None:
+        self.method = method
+        self.model = prepare(build_model(shape, layers), method).train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+        generator = torch.Generator().manual_seed(0)
+        self.batch = {"input_ids": torch.randint(1, 256, (2, 16), generator=generator),
+                      "labels": torch.randint(0, 3, (2,), generator=generator)}
+        self.forward = torch.compile(self.model) if compiled else self.model
+
+    def forward_backward(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward(**self.batch).loss.backward()
+
+    def step(self) -> None:
+        self.forward_backward()
+        self.optimizer.step()
+
+
+def _is_compute(event) -> bool:
+    return event.name.startswith("aten::") and event.name[6:] not in METADATA_OPS
+
+
+def _has_compute_below(event) -> bool:
+    return any(_is_compute(child) or _has_compute_below(child) for child in event.cpu_children)
+
+
+def leaf_ops(fn) -> dict[str, int]:
+    """The compute ops ``fn`` runs, by name: aten ops (metadata and view ops left out) that call no
+    other compute op, i.e. one per kernel a GPU would launch."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if _is_compute(event) and not _has_compute_below(event):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    return counts
+
+
+def trained_projections(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, hifi_fast.modules.HeadSliceMixin) for m in model.modules())
+
+
+def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool) -> dict:
+    from torch._dynamo.utils import counters
+
+    runs = [Run(shape, method, layers, compiled) for method in METHODS]
+    for run in runs:  # warm-up (and compilation)
+        for _ in range(3):
+            run.step()
+    ops = {run.method: {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer.step)}
+           for run in runs}
+    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+    times: dict[str, list[float]] = {run.method: [] for run in runs}
+    for round_index in range(rounds):
+        order = runs if round_index % 2 == 0 else runs[::-1]  # no method always runs first
+        for run in order:
+            samples = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                run.step()
+                samples.append((time.perf_counter() - start) * 1e3)
+            times[run.method].append(statistics.median(samples))
+    hifi = next(r for r in runs if r.method == "hifi")
+    return {
+        "shape": shape, "layers": layers, "compiled": compiled, "rounds": rounds, "steps_per_round": steps,
+        "trained_projections": trained_projections(hifi.model),
+        "graph_breaks_while_timing": sum(counters["graph_break"].values()) - breaks,
+        "recompiles_while_timing": counters["stats"]["unique_graphs"] - graphs,
+        "ops": {m: {phase: sum(c.values()) for phase, c in o.items()} for m, o in ops.items()},
+        "op_names": ops,
+        "ms": times,
+    }
+
+
+def paired(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``a``'s step time divided by ``b``'s in the same round."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
+def report(results: list[dict]) -> str:
+    lines = [
+        "# Host overhead per training step",
+        "",
+        f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
+        f"{platform.machine()}, {torch.get_num_threads()} thread; `python -m bench.host_overhead`. "
+        "Models of tiny width (hidden 64, 8 heads; Llama: 2 KV heads), batch 2 x 16 tokens, fused AdamW: "
+        "what is timed is the host's work. hifi = `hifi_fast.patch(model)` (2 random heads per layer). "
+        "ms: median over rounds of each round's median step; ratios: medians of per-round ratios.",
+        "",
+    ]
+    for r in results:
+        mode = "compiled (`torch.compile(model)`)" if r["compiled"] else "eager"
+        lines += [
+            f"## {r['shape']}-like, {r['layers']} layers, {mode}",
+            "",
+            f"{r['rounds']} interleaved rounds x {r['steps_per_round']} steps; hifi trains "
+            f"{r['trained_projections']} projections"
+            + (f"; graph breaks while timing: {r['graph_breaks_while_timing']}, recompiles: "
+               f"{r['recompiles_while_timing']}" if r["compiled"] else "") + ".",
+            "",
+            "| method | host ms/step | x frozen | x LoRA q/v | fwd+bwd ops | optimizer ops |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method in METHODS:
+            ops = r["ops"][method]
+            lines.append(
+                f"| {method} | {statistics.median(r['ms'][method]):.2f} | {paired(r['ms'], method, 'frozen'):.3f} | "
+                f"{paired(r['ms'], method, 'lora-qv'):.3f} | {ops['forward_backward']} | {ops['optimizer']} |")
+        extra = r["ops"]["hifi"]["forward_backward"] - r["ops"]["frozen"]["forward_backward"]
+        lines += ["", f"hifi - frozen, forward + backward: {extra} ops, "
+                  f"{extra / max(r['trained_projections'], 1):.2f} per trained projection.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
+    parser.add_argument("--compiled", action="store_true", help="also torch.compile'd (4 layers)")
+    parser.add_argument("--compiled-only", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host-overhead")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    modes = ([] if args.compiled_only else [(args.layers, False)]) + ([(4, True)] if args.compiled or args.compiled_only else [])
+    results = []
+    for layers, compiled in modes:
+        for shape in args.shapes.split(","):
+            results.append(measure(shape, layers, args.rounds, args.steps, compiled))
+            text = report(results)
+            print(text.split("## ")[-1], flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "host_overhead_compiled" if args.compiled_only else "host_overhead"
+    (args.out / f"{name}.md").write_text(text)
+    (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print(f"written: {args.out / name}.md")
+
+
+if __name__ == "__main__":
+    main()
