@@ -218,6 +218,21 @@ def test_readme_command_shape():
     assert args.max_length == 64 and args.heads_per_layer == 2 and args.scoring_examples == 256
 
 
+def test_cli_head_defaults_are_the_api_defaults():
+    """One default: ``hifi-fast finetune`` selects heads as ``HiFiConfig()`` / ``patch(model)`` do."""
+    args = cli.build_parser().parse_args(["finetune"])
+    config = hifi_fast.HiFiConfig()
+    assert (args.heads_per_layer, args.score) == (config.heads_per_layer, config.score) == (2, "random")
+
+
+def test_help_names_every_subcommand_and_the_default_selection():
+    parser = cli.build_parser()
+    usage = parser.format_usage()
+    assert all(name in usage for name in ("finetune", "compare", "predict", "generate"))
+    finetune = " ".join(parser.subcommand_parsers["finetune"].format_help().split())  # unwrapped
+    assert "random by default" in finetune and "--score pagerank" in finetune
+
+
 @pytest.mark.parametrize("others, expected", [(0, 2), (1, 1), (5, 1)])
 def test_default_threads_follow_the_tasks_running_now(monkeypatch, others, expected):
     from hifi_fast.cli import loading

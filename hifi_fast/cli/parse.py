@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_HEADS_PER_LAYER, DEFAULT_SCORE, SCORES
 from .console import CLIError
 
 METHODS = ("hifi", "lora", "full", "frozen")
@@ -52,22 +53,23 @@ def add_common(parser: argparse.ArgumentParser) -> None:
                        "1: oversubscribed cores slow CPU training several-fold)")
 
     hifi = parser.add_argument_group("HiFi")
-    hifi.add_argument("--heads-per-layer", type=int, default=2,
-                      help="k heads trained per layer (default: 2; 1 did worse with few examples in "
-                      "docs/selection_study.md)")
-    hifi.add_argument("--score", default="random",
-                      choices=("pagerank", "richness", "correlation", "random", "importance", "gradient"),
-                      help="head ranking (default: random: seeded, no scoring pass; no score beat it in "
-                      "docs/selection_study.md); pagerank: HiFi's; importance: task-aware gradient importance of "
-                      "each head's output (Michel et al. 2019); gradient: task-aware, the L1 norm of the loss "
-                      "gradient over each head's slices; both after a short warm-up of the classifier")
+    hifi.add_argument("--heads-per-layer", type=int, default=DEFAULT_HEADS_PER_LAYER,
+                      help=f"k heads trained per layer (default: {DEFAULT_HEADS_PER_LAYER}, as HiFiConfig(); 1 did "
+                      "worse with few examples in docs/selection_study.md)")
+    hifi.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
+                      help=f"head ranking (default: {DEFAULT_SCORE}, as HiFiConfig(); random: seeded, no scoring "
+                      "pass; no score beat it in docs/selection_study.md); pagerank: HiFi's (a scoring pass over "
+                      "--scoring-examples); richness, correlation: the paper's ablations; importance: task-aware "
+                      "gradient importance of each head's output (Michel et al. 2019); gradient: task-aware, the L1 "
+                      "norm of the loss gradient over each head's slices; both after a short warm-up of the "
+                      "classifier")
     hifi.add_argument("--task-head", default="warmed", choices=("warmed", "initial"),
                       help="--score importance/gradient: fine-tune from the warmed classifier (default) or from "
                       "the one the model had before scoring")
     hifi.add_argument("--selection", default="per_layer", choices=("per_layer", "global"),
                       help="top k per layer, or top k*L overall (default: per_layer)")
     hifi.add_argument("--scoring-examples", type=int, default=256,
-                      help="training examples the head scoring reads (default: 256)")
+                      help="training examples the head scoring reads, for every --score but random (default: 256)")
     hifi.add_argument("--damping", type=float, default=0.85, help="PageRank damping (default: 0.85)")
 
     lora = parser.add_argument_group("LoRA")
@@ -87,17 +89,21 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hifi-fast",
-        description="Fine-tune Hugging Face transformers by training only a few high-information attention "
-                    "heads (HiFi). With no subcommand, 'finetune' runs.",
+        description="Fine-tune Hugging Face transformers by training only a few attention heads' Q/K/V/O slices "
+                    f"(HiFi; default: {DEFAULT_HEADS_PER_LAYER} {DEFAULT_SCORE} heads per layer, --score pagerank for "
+                    "HiFi's selection). With no subcommand, 'finetune' runs.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{finetune,compare,predict}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
-    finetune = sub.add_parser("finetune", help="score heads, select, patch, train, evaluate, save (default)",
-                              description="Score the heads on training examples, select the top ones, train "
-                              "only their slices and the classifier, evaluate, and save the run.")
+    finetune = sub.add_parser("finetune", help="select heads, patch, train, evaluate, save (default)",
+                              description=f"Select {DEFAULT_HEADS_PER_LAYER} heads per layer ({DEFAULT_SCORE} by "
+                              "default: seeded, no scoring pass; --score pagerank ranks them as HiFi does over "
+                              "--scoring-examples training examples), train only their Q/K/V/O slices and the "
+                              "classifier (--task causal-lm: the slices alone, on the next-token loss), evaluate, "
+                              "and save the run.")
     finetune.add_argument("--method", default="hifi", choices=METHODS,
-                          help="hifi (default), lora (peft, r=8 on query/value), full fine-tuning, or frozen "
-                          "(classifier only)")
+                          help="hifi (default), lora (needs peft; r=8 on query/value), full fine-tuning, or "
+                          "frozen (classifier only)")
     finetune.add_argument("--task", default="classification", choices=TASKS,
                           help="classification (default) of --text-column into --label-column, or causal-lm: "
                           "next-token training of a decoder (Llama, Mistral, Qwen2/3, GPT-2) on --text-column, "
@@ -110,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(finetune)
 
     compare = sub.add_parser("compare", help="run hifi, lora, full and frozen on the same data and seed",
-                             description="Run each method with the same data, seed and settings and write "
-                             "comparison.md, comparison.csv and comparison.png.")
+                             description="Run each method with the same data, seed and settings (each at its "
+                             "default learning rate unless --lr sets one for all; lora needs peft) and write "
+                             "comparison.md, comparison.csv and comparison.png. One seed, LoRA r=8: a quick side "
+                             "by side, not the README's Accuracy table (python -m bench.accuracy).")
     compare.add_argument("--methods", default=",".join(METHODS),
                          help="comma-separated subset of " + ",".join(METHODS))
     compare.add_argument("--in-process", action="store_true",
