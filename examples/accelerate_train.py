@@ -30,7 +30,8 @@ def main() -> None:
     shard = slice(accelerator.process_index, None, accelerator.num_processes)
     scoring = [{"input_ids": encoded["input_ids"][shard], "attention_mask": encoded["attention_mask"][shard]}]
 
-    hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=1), batches=scoring)
+    # HiFi's PageRank selection (the default, random heads, would need no scoring batches at all)
+    hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=1, score="pagerank"), batches=scoring)
     if accelerator.is_main_process:
         hifi_fast.print_trainable_parameters(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

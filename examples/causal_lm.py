@@ -1,7 +1,7 @@
 """Fine-tune the attention heads of any local decoder checkpoint (Llama, Mistral, Qwen2/3, GPT-2) on
 a text file with HiFi, under the Hugging Face `Trainer`, then generate.
 
-    python examples/causal_lm.py MODEL_DIR TEXTS.txt [--heads-per-layer 2] [--steps 200] [--out run/]
+    python examples/causal_lm.py MODEL_DIR TEXTS.txt [--heads-per-layer 2] [--score pagerank] [--steps 200] [--out run/]
 
 TEXTS.txt holds one training text per line. The same job from the command line, with prompt masking
 and eval perplexity: ``hifi-fast finetune --task causal-lm --model MODEL_DIR --train data.jsonl``.
@@ -21,13 +21,16 @@ from transformers import (  # noqa: E402
 )
 
 import hifi_fast  # noqa: E402
+from hifi_fast.config import DEFAULT_HEADS_PER_LAYER, DEFAULT_SCORE, SCORES  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir")
     parser.add_argument("texts")
-    parser.add_argument("--heads-per-layer", type=int, default=2)
+    parser.add_argument("--heads-per-layer", type=int, default=DEFAULT_HEADS_PER_LAYER)
+    parser.add_argument("--score", default=DEFAULT_SCORE, choices=SCORES,
+                        help=f"how heads are chosen (default: {DEFAULT_SCORE}, no scoring pass)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=256)
@@ -42,9 +45,11 @@ def main() -> None:
     examples = [{"input_ids": ids} for ids in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
 
-    # Score the heads on up to 256 texts (labels and padding are ignored), select, patch.
+    # Select and patch: random heads need no data; a score (e.g. pagerank) reads up to 256 texts
+    # (padding ignored; the task-aware scores predict the text itself).
     scoring = (collator(examples[i:i + 16]) for i in range(0, len(examples), 16))
-    hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=args.heads_per_layer), batches=scoring)
+    config = hifi_fast.HiFiConfig(heads_per_layer=args.heads_per_layer, score=args.score)
+    hifi_fast.patch(model, config, batches=scoring)
     hifi_fast.print_trainable_parameters(model)
 
     training = TrainingArguments(output_dir=args.out, max_steps=args.steps, learning_rate=args.lr,

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 
 import hifi_fast  # noqa: E402
-from hifi_fast.data import collate, encode, iter_batches, load_data  # noqa: E402
+from hifi_fast.data import collate, encode, load_data  # noqa: E402
 
 
 class Examples(torch.utils.data.Dataset):
@@ -49,7 +49,7 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(splits.label_names))
     train = encode(tokenizer, splits.train.texts, splits.train.labels, max_length=64)
     held = encode(tokenizer, splits.eval.texts, splits.eval.labels, max_length=64)
-    hifi_fast.patch(model, hifi_fast.HiFiConfig(heads_per_layer=2), batches=iter_batches(train, 32))
+    hifi_fast.patch(model)  # 2 random heads per layer; HiFiConfig(score="pagerank") + batches for HiFi's selection
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, learning_rate=1e-3, num_train_epochs=1,
