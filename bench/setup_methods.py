@@ -80,7 +80,10 @@ def prepare(model: nn.Module, method: str, *, heads_per_layer: int = 1, lora_r: 
         return freeze_backbone(model, input_grads=True)
     if method == "hifi":
         scores = hifi_fast.score_heads(model, scoring_batches, num_examples=64)
-        selection = hifi_fast.select_heads(scores, hifi_fast.HiFiConfig(heads_per_layer=heads_per_layer))
+        # PageRank, as every committed benchmark measured (HiFiConfig()'s default became random heads;
+        # which heads train does not change a step's work, how many do)
+        config = hifi_fast.HiFiConfig(heads_per_layer=heads_per_layer, score="pagerank")
+        selection = hifi_fast.select_heads(scores, config)
         return hifi_fast.patch(model, selection)
     if method == "lora":
         return apply_lora(model, r=lora_r)
