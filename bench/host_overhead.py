@@ -8,8 +8,9 @@ gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tu
 
 - leaf ops per step, counted by the profiler (views and metadata ops left out): forward + backward,
   and the optimizer step apart. Deterministic: no noise;
-- host milliseconds per step (zero_grad, forward, backward, fused AdamW step): the methods run in
-  interleaved rounds, each round's median step per method, and ratios paired round by round;
+- host milliseconds per step (zero_grad, forward, backward, fused AdamW step; the CPU time of the
+  one thread that runs it, garbage collection paused): the methods run in interleaved rounds, each
+  round's median step per method, and ratios paired round by round;
 - the same with ``torch.compile`` of the model (``--compiled``; 4 layers, compiling costs minutes
   here), with the graph breaks and recompiles seen while timing.
 
@@ -18,6 +19,7 @@ Writes ``bench/results/host-overhead/host_overhead.{md,json}`` (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -122,15 +124,18 @@ def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool) ->
            for run in runs}
     breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
     times: dict[str, list[float]] = {run.method: [] for run in runs}
+    gc.collect()
+    gc.disable()  # a collection inside a timed step would land on whichever method ran then
     for round_index in range(rounds):
         order = runs if round_index % 2 == 0 else runs[::-1]  # no method always runs first
         for run in order:
             samples = []
             for _ in range(steps):
-                start = time.perf_counter()
+                start = time.thread_time()
                 run.step()
-                samples.append((time.perf_counter() - start) * 1e3)
+                samples.append((time.thread_time() - start) * 1e3)
             times[run.method].append(statistics.median(samples))
+    gc.enable()
     hifi = next(r for r in runs if r.method == "hifi")
     return {
         "shape": shape, "layers": layers, "compiled": compiled, "rounds": rounds, "steps_per_round": steps,
@@ -156,7 +161,8 @@ def report(results: list[dict]) -> str:
         f"{platform.machine()}, {torch.get_num_threads()} thread; `python -m bench.host_overhead`. "
         "Models of tiny width (hidden 64, 8 heads; Llama: 2 KV heads), batch 2 x 16 tokens, fused AdamW: "
         "what is timed is the host's work. hifi = `hifi_fast.patch(model)` (2 random heads per layer). "
-        "ms: median over rounds of each round's median step; ratios: medians of per-round ratios.",
+        "ms: CPU time of the step's thread, median over rounds of each round's median step; ratios: "
+        "medians of per-round ratios.",
         "",
     ]
     for r in results:

@@ -25,7 +25,8 @@ class BackendUnavailableError(RuntimeError):
 
 
 @lru_cache(maxsize=None)
-def _load(name: str) -> ModuleType:
+def load(name: str) -> ModuleType:
+    """The module of backend ``name`` (``ImportError`` saying why if it cannot run here)."""
     module = importlib.import_module(_MODULES[name])
     if name != "torch" and not getattr(module, "AVAILABLE", False):
         raise ImportError(getattr(module, "UNAVAILABLE_REASON", f"{name} backend not available"))
@@ -53,7 +54,7 @@ def backend_name(device: torch.device) -> str:
     if forced is not None:
         if forced != "torch":
             try:
-                _load(forced)
+                load(forced)
             except ImportError as err:
                 raise BackendUnavailableError(
                     f"HIFI_FAST_BACKEND={forced} was asked for but cannot run: {err}"
@@ -66,7 +67,7 @@ def backend_name(device: torch.device) -> str:
         return forced
     if device.type == "cuda":
         try:
-            _load("triton")
+            load("triton")
             return "triton"
         except ImportError as err:
             _warn_fallback("triton", str(err))
@@ -78,7 +79,7 @@ def available_backends(device_type: str) -> list[str]:
     names = ["torch"]
     for name in ("triton", "cuda") if device_type == "cuda" else ():
         try:
-            _load(name)
+            load(name)
             names.append(name)
         except ImportError:
             pass
@@ -86,5 +87,13 @@ def available_backends(device_type: str) -> list[str]:
 
 
 def ops_for(tensor: torch.Tensor) -> ModuleType:
-    """The module implementing the ops for ``tensor``'s device."""
-    return _load(backend_name(tensor.device))
+    """The module implementing the ops for ``tensor``'s device (looked up once per device type and
+    setting: this runs in every backward)."""
+    env = os.environ
+    return load(_name_for(tensor.device.type, env.get("HIFI_FAST_BACKEND", ""), env.get("TRITON_INTERPRET", "")))
+
+
+@lru_cache(maxsize=None)
+def _name_for(device_type: str, forced: str, interpret: str) -> str:
+    """``backend_name`` for one device type and setting of the variables it reads."""
+    return backend_name(torch.device(device_type))

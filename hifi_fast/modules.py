@@ -1,18 +1,30 @@
 """Projection modules with trainable head slices.
 
 ``patch`` switches a projection's class to ``HiFiLinear``/``HiFiConv1D`` in place (the base weight
-object stays the same) and attaches the compact slices: ``hifi_weight`` (and ``hifi_bias``). The
-base weight stays the one tensor the forward GEMM reads; whenever the slices may have changed since
-the last write (any optimizer step, fused ones included, or an in-place edit), their values are
-copied into it first, so no call is needed after ``optimizer.step()``. Under FSDP, whose forward
-sees an all-gathered copy of the weight (writes into it would be lost), the slices are merged into
-a temporary copy instead.
+object stays the same) and attaches the slices ``hifi_weight`` (and ``hifi_bias``). The base weight
+stays the one tensor the forward GEMM reads, and holds the slices' current values:
+
+- **a view** where the selected heads' rows are one contiguous range of the weight (one head, or
+  adjacent heads: often GQA's K/V): the optimizer, fused or not, updates the weight in place and
+  nothing runs per step. The view is re-made whenever the weight is replaced (``.to()``,
+  ``.half()``, copies, unpickling, ``load_state_dict(assign=True)``);
+- **a compact copy** otherwise (several separate heads, the output projection's columns, GPT-2's
+  transposed ``Conv1D``, fp32 ``master_dtype`` slices of a bf16 model): whenever it may have
+  changed since the last write (any optimizer step, fused ones included, or an in-place edit), its
+  values are written into the weight first, one ``index_copy_`` in the next forward. One compact
+  parameter costs less per step than one view per head (each parameter is an autograd leaf and an
+  optimizer tensor) and fused optimizers need contiguous parameters.
+
+Under FSDP, whose forward sees an all-gathered copy of the weight (writes into it would be lost),
+the slices are merged into a temporary copy instead.
 
 The module's ``state_dict`` is the plain model's: the slices are written into the base weight first
 and their own keys are left out, so ``save_pretrained``/``Trainer.save_model`` write a plain
 checkpoint; ``load_state_dict`` refreshes the slices from the loaded base weight.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
@@ -26,19 +38,50 @@ except ImportError:  # torch built without distributed support
 
 from .adapters import ProjectionSlice, attention_layers
 from .ops import feature_index
-from .sparse_head_linear import COLS, ROWS, slice_dim, sparse_head_linear
+from .backends import backend_name
+from .sparse_head_linear import COLS, ROWS, SliceIndex, SlicePlan, runs_of, slice_dim, sparse_head_linear
 
-# Fused optimizers update parameters without bumping their version counters, so every optimizer
-# step (of any torch optimizer) is counted here and makes the slices count as changed.
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
+# Compact slices are written into their weights right after every optimizer step (fused optimizers
+# do not even bump the slices' version counters): once per step, in one pass, rather than checked and
+# written in every forward. The forward still checks the version counters, which catch in-place
+# edits made outside an optimizer step.
+_compact_modules: weakref.WeakSet = weakref.WeakSet()
 
 
-register_optimizer_step_post_hook(_count_optimizer_step)
+def _write_compact_slices(optimizer, args, kwargs) -> None:
+    trained = _trained_parameter_ids(optimizer)
+    written = []
+    for module in tuple(_compact_modules):
+        if id(module.hifi_slices[0]) not in trained:
+            continue
+        if module.hifi_copies is not None and module._parameters["weight"] is not module.hifi_copies[0]:
+            module._cache_call_args()  # the weight was replaced (FSDP, assignment): read it again
+        if module.hifi_copies is not None:
+            written.append(module)
+    if not written:
+        return
+    targets, values = [], []
+    for module in written:
+        targets += module.hifi_copies[1]
+        values += module.hifi_copies[2]
+    with torch.no_grad():
+        torch._foreach_copy_(targets, values)
+    for module in written:
+        module.hifi_synced = module.slice_state()
+
+
+def _trained_parameter_ids(optimizer) -> frozenset[int]:
+    """Ids of ``optimizer``'s parameters, cached on it until its parameter groups change."""
+    groups = optimizer.param_groups
+    key = tuple(len(group["params"]) for group in groups)
+    cached = optimizer.__dict__.get("_hifi_trained")
+    if cached is None or cached[0] != key:
+        cached = key, frozenset(id(p) for group in groups for p in group["params"])
+        optimizer.__dict__["_hifi_trained"] = cached
+    return cached[1]
+
+
+register_optimizer_step_post_hook(_write_compact_slices)
 SLICE_PARAMS = ("hifi_weight", "hifi_bias")
 
 
@@ -53,6 +96,9 @@ class HeadSliceMixin:
     hifi_bias: nn.Parameter | None
     hifi_blocks: torch.Tensor
     hifi_index: torch.Tensor
+    hifi_plan: SlicePlan
+    # FSDP sets it on the modules it manages (instance attribute); a class default keeps the check cheap.
+    _is_fsdp_managed_module = False
 
     def as_2d(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (this module's layout) as ``[d_out, d_in]``."""
@@ -62,19 +108,27 @@ class HeadSliceMixin:
         return self.as_2d(self.weight)
 
     def attach_slices(self, spec: ProjectionSlice, master_dtype: torch.dtype | None = None) -> None:
-        """Create the compact trainable slices from the current base weight, in ``master_dtype``
-        (default: the weight's own)."""
-        weight = self.weight_2d()
+        """Create the trainable slices from the current base weight: a view where they are one
+        contiguous run of it in its own dtype, else a compact copy in ``master_dtype`` (default:
+        the weight's)."""
+        weight = self.weight_2d().detach()
         blocks = torch.tensor(spec.blocks, dtype=torch.long, device=weight.device)
         index = feature_index(blocks, spec.block_size)
-        self.hifi_sliced, self.hifi_block_size = spec.sliced, spec.block_size
         self.register_buffer("hifi_blocks", blocks, persistent=False)
         self.register_buffer("hifi_index", index, persistent=False)
-        dim = slice_dim(spec.sliced)
-        dtype = master_dtype or weight.dtype
-        self.hifi_weight = nn.Parameter(weight.detach().index_select(dim, index).to(dtype, copy=True))
-        bias = self.bias if spec.sliced == ROWS else None
-        self.hifi_bias = None if bias is None else nn.Parameter(bias.detach()[index].to(dtype, copy=True))
+        self.hifi_heads = tuple(b // spec.block_size for b in spec.blocks)
+        dim, dtype = slice_dim(spec.sliced), master_dtype or weight.dtype
+        runs = self.hifi_runs = runs_of(spec.blocks, spec.block_size)
+        view = runs[0] if len(runs) == 1 and dtype == weight.dtype and weight.narrow(dim, *runs[0]).is_contiguous() else None
+        with_bias = spec.sliced == ROWS and self.bias is not None
+        self.hifi_plan = SlicePlan(spec.sliced, spec.block_size, with_bias, view)
+        if view is not None:
+            self.hifi_weight = nn.Parameter(weight.narrow(dim, *view))
+            self.hifi_bias = nn.Parameter(self.bias.detach().narrow(0, *view)) if with_bias else None
+        else:
+            self.hifi_weight = nn.Parameter(weight.index_select(dim, index).to(dtype, copy=True))
+            self.hifi_bias = nn.Parameter(self.bias.detach()[index].to(dtype, copy=True)) if with_bias else None
+        self._cache_call_args()
         self.hifi_synced = self.slice_state()
         self.hifi_hooks = [
             self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_for_state_dict()),
@@ -83,20 +137,76 @@ class HeadSliceMixin:
             self.register_load_state_dict_post_hook(_refresh_after_load),
         ]
 
-    def slice_state(self) -> tuple[int, ...]:
-        """Changes whenever the slices may have changed: an optimizer step or an in-place edit."""
-        return (_optimizer_steps,) + tuple(p._version for p in (self.hifi_weight, self.hifi_bias) if p is not None)
+    def _cache_call_args(self) -> None:
+        """The tensors the forward and the post-step write use, read once here rather than through
+        ``nn.Module``'s ``__getattr__`` in every call; re-read whenever ``_apply`` or a load
+        replaced them. ``hifi_copies``: for a compact slice on a weight of its own, the pairs
+        ``(targets, values)`` of views that the write after each optimizer step copies, one per run
+        of adjacent head blocks, and the weight they were taken from (``None``: views, or FSDP's
+        shards, which merge instead; FSDP replaces the parameters, and the first forward under it
+        drops what was read before, which would keep the unsharded tensors alive)."""
+        self.hifi_slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
+        self.hifi_indices = SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(self.hifi_index.device))
+        self.hifi_copies = None
+        weight = self._parameters["weight"]
+        if self.hifi_plan.view is None and not self._is_fsdp_managed_module and not isinstance(weight, DTensor):
+            dim, offset, targets, values = slice_dim(self.hifi_plan.sliced), 0, [], []
+            weight_2d = self.as_2d(weight.detach())
+            for start, length in self.hifi_runs:
+                targets.append(weight_2d.narrow(dim, start, length))
+                values.append(self.hifi_weight.detach().narrow(dim, offset, length))
+                if self.hifi_bias is not None:
+                    targets.append(self.bias.detach().narrow(0, start, length))
+                    values.append(self.hifi_bias.detach().narrow(0, offset, length))
+                offset += length
+            self.hifi_copies = (weight, targets, values)
+            _compact_modules.add(self)
+
+    @property
+    def hifi_is_view(self) -> bool:
+        """The slices are views of the weight (rather than compact copies written into it)."""
+        return self.hifi_plan.view is not None and not self._is_fsdp_managed_module and not isinstance(self.weight, DTensor)
+
+    def link_slices(self) -> None:
+        """Make view slices views of the current weight again (after it was replaced or converted:
+        the weight holds the values, converted, copied or loaded with the slices)."""
+        if not self.hifi_is_view:
+            return
+        dim = slice_dim(self.hifi_plan.sliced)
+        views = [(self.hifi_weight, self.weight_2d().detach().narrow(dim, *self.hifi_plan.view))]
+        if self.hifi_bias is not None:
+            views.append((self.hifi_bias, self.bias.detach().narrow(0, *self.hifi_plan.view)))
+        for param, view in views:
+            if param.data_ptr() != view.data_ptr() or param.dtype != view.dtype or param.shape != view.shape:
+                param.data = view
+
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if hasattr(self, "hifi_plan"):
+            self._cache_call_args()
+            self.link_slices()
+        return module
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)  # copy.deepcopy and unpickling copy the weight and its views apart
+        if "hifi_plan" in state:
+            self._cache_call_args()
+            self.link_slices()
+
+    def slice_state(self) -> tuple[int, int]:
+        """The slices' version counters: they change with any in-place edit (but a fused optimizer's)."""
+        slices = self.hifi_slices
+        return slices[0]._version, slices[-1]._version
 
     @torch.no_grad()
     def sync_slices(self) -> None:
-        """Write the compact slices into the base weight if they may have changed since the last write."""
-        # Compiled graphs cannot guard on version counters: there the copy (k·d_h rows, no FLOPs)
-        # simply runs every forward.
-        if not torch.compiler.is_compiling() and self.slice_state() == self.hifi_synced:
+        """Write compact slices into the base weight, FSDP2 shards included (before a state dict,
+        a load, an unpatch; views need nothing: the weight is their storage)."""
+        if self.hifi_is_view:
             return
         weight = whole_tensor(self.weight)
         slices = whole_tensor(self.hifi_weight).to(weight.dtype)
-        self.as_2d(weight).index_copy_(slice_dim(self.hifi_sliced), self.hifi_index, slices)
+        self.as_2d(weight).index_copy_(slice_dim(self.hifi_plan.sliced), self.hifi_index, slices)
         _assign(self.weight, weight)
         if self.hifi_bias is not None:
             bias = whole_tensor(self.bias)
@@ -105,9 +215,21 @@ class HeadSliceMixin:
         if not torch.compiler.is_compiling():
             self.hifi_synced = self.slice_state()
 
+    def _write_slices(self, params: dict) -> None:
+        """``sync_slices`` of a module that owns its whole weight (after an optimizer step, or in
+        a forward that finds the slices edited; every compiled forward: graphs cannot guard on
+        version counters, and the copy is k·d_h rows, no FLOPs)."""
+        index, (weight_slice, *bias_slice) = self.hifi_index, self.hifi_slices
+        weight = params["weight"]
+        self.as_2d(weight).index_copy_(slice_dim(self.hifi_plan.sliced), index, weight_slice.detach().to(weight.dtype))
+        if bias_slice:
+            params["bias"].index_copy_(0, index, bias_slice[0].detach().to(weight.dtype))
+        if not torch.compiler.is_compiling():
+            self.hifi_synced = self.slice_state()
+
     def sync_for_state_dict(self) -> None:
         """Before ``state_dict``: the plain model's state holds the slices."""
-        if getattr(self, "_is_fsdp_managed_module", False) and not isinstance(self.weight, DTensor):
+        if self._is_fsdp_managed_module and not isinstance(self.weight, DTensor):
             raise NotImplementedError(
                 "state_dict of a hifi_fast-patched model under FSDP1 (FullyShardedDataParallel) is not "
                 "supported: its parameters are views of flat shards there. Training under it works; to "
@@ -118,8 +240,13 @@ class HeadSliceMixin:
 
     @torch.no_grad()
     def refresh_slices(self) -> None:
-        """Read the slices back from the base weight (after it was loaded)."""
-        dim = slice_dim(self.hifi_sliced)
+        """Read the slices back from the base weight (after it was loaded; views are re-made if the
+        weight was replaced)."""
+        self._cache_call_args()
+        if self.hifi_is_view:
+            self.link_slices()
+            return
+        dim = slice_dim(self.hifi_plan.sliced)
         _assign(self.hifi_weight, self.as_2d(whole_tensor(self.weight)).index_select(dim, self.hifi_index))
         if self.hifi_bias is not None:
             _assign(self.hifi_bias, whole_tensor(self.bias)[self.hifi_index])
@@ -128,30 +255,34 @@ class HeadSliceMixin:
     def detach_slices(self) -> None:
         """Write the slices back and remove them; the module is its plain class again."""
         self.sync_slices()
+        _compact_modules.discard(self)
         for hook in self.hifi_hooks:
             hook.remove()
         for name in SLICE_PARAMS + ("hifi_blocks", "hifi_index"):
             delattr(self, name)
-        for name in ("hifi_sliced", "hifi_block_size", "hifi_synced", "hifi_hooks"):
+        for name in ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_copies", "hifi_synced",
+                     "hifi_hooks"):
             self.__dict__.pop(name, None)
         self.__class__ = PLAIN_CLASS[type(self)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        merge_index = None
-        # FSDP (1 and 2) marks the modules it manages; their weight in the forward is an all-gathered
-        # copy that is freed and gathered again (from the unchanged shards) for the backward.
-        if getattr(self, "_is_fsdp_managed_module", False):
-            merge_index = self.hifi_index
-        else:
-            self.sync_slices()
-        return sparse_head_linear(
-            x, self.weight_2d(), self.bias, self.hifi_weight, self.hifi_bias,
-            self.hifi_blocks, self.hifi_block_size, self.hifi_sliced, merge_index,
-        )
+        if self._is_fsdp_managed_module:  # FSDP swaps the parameter objects: read them by name
+            if self.hifi_copies is not None:
+                self._cache_call_args()
+            slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
+            return sparse_head_linear(x, self.weight_2d(), self.bias, slices, self.hifi_plan,
+                                      SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(x.device)), merge=True)
+        # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd Function.
+        plan, params, slices = self.hifi_plan, self._parameters, self.hifi_slices
+        if plan.view is None and (torch.compiler.is_compiling() or
+                                  self.hifi_synced != (slices[0]._version, slices[-1]._version)):
+            self._write_slices(params)
+        return sparse_head_linear(x, self.as_2d(params["weight"]), params["bias"], slices, plan, self.hifi_indices)
 
     def extra_repr(self) -> str:
-        heads = [b // self.hifi_block_size for b in self.hifi_blocks.tolist()]
-        return f"{super().extra_repr()}, trainable_{self.hifi_sliced}_blocks={heads}, block_size={self.hifi_block_size}"
+        kind = "compact copy" if self.hifi_plan.view is None else "view"
+        return (f"{super().extra_repr()}, trainable_{self.hifi_plan.sliced}_blocks={list(self.hifi_heads)}, "
+                f"block_size={self.hifi_plan.block_size}, slices={kind}")
 
 
 class HiFiLinear(HeadSliceMixin, nn.Linear):

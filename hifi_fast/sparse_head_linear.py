@@ -1,21 +1,30 @@
 """``y = x Wᵀ + b`` whose only trainable parts are head slices of ``W`` (DESIGN §2).
 
-The forward is the base model's one GEMM on the base weight, which already holds the current slice
-values. The backward returns the dense input gradient and the compact gradient of the slices only:
-no full-size weight gradient ever exists. Where the weight is a copy that the module does not own
+The forward is the base model's one GEMM on the base weight, which holds the current slice values
+(the slice is a view of it, or a compact copy written into it after it changed; ``modules.py``).
+The backward returns the dense input gradient and the compact gradient of the slice only: no
+full-size weight gradient ever exists. Where the weight is a copy that the module does not own
 (FSDP's all-gathered parameters), the slices are merged into a temporary copy instead, in the
 forward and again in the backward.
 
-The weight-gradient ops are ``torch.library`` custom ops (``hifi_fast::head_rows_grad``,
-``hifi_fast::head_cols_grad``) with fake implementations, so ``torch.compile`` traces through the
-layer without a graph break while the backend dispatch stays eager.
+The backward is the math and nothing else: what it computes is decided at patch time
+(``SlicePlan``). A slice that is one run of adjacent rows is one GEMM on a view of the output
+gradient; a compact slice of several head blocks is gathered once (``index_select`` + one GEMM on
+CPU, one launch of the Triton kernel or the CUDA extension on a GPU). Eagerly the backend's
+function is called directly, with no ``torch.library`` wrapper; under ``torch.compile`` the
+PyTorch form is traced inline on CPU, and on a GPU the backend runs as the custom ops
+``hifi_fast::head_rows_grad`` / ``hifi_fast::head_cols_grad`` (fake implementations: no graph break).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .backends import ops_for
+from . import ops as torch_ops
+from .backends import load, ops_for
 
 ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
 COLS = "cols"  # head blocks are input features (the output projection)
@@ -26,11 +35,175 @@ def slice_dim(sliced: str) -> int:
     return 0 if sliced == ROWS else 1
 
 
+def runs_of(blocks: tuple[int, ...], block_size: int) -> tuple[tuple[int, int], ...]:
+    """``(first feature, features)`` of each maximal range of adjacent blocks, in block order."""
+    runs: list[list[int]] = []
+    for start in blocks:
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1][1] += block_size
+        else:
+            runs.append([start, block_size])
+    return tuple((start, length) for start, length in runs)
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """What the backward of one projection computes, fixed at patch time.
+
+    ``view``: ``(first feature, features)`` when the slice is that one run of rows taken in place
+    (its gradient is a GEMM on a view), ``None`` for a compact slice gathered through the block
+    index; ``with_bias``: the rows' bias entries train too."""
+
+    sliced: str
+    block_size: int
+    with_bias: bool
+    view: tuple[int, int] | None = None
+
+
+class SliceIndex(NamedTuple):
+    """The device side of a ``SlicePlan``: ``blocks`` (``[nb]`` first feature of each head block),
+    ``index`` (their ``nb * bs`` features, ``ops.feature_index``) and the name of the backend that
+    computes a compact slice's gradient on that device; made at patch time and whenever the module
+    moves (``backends.backend_name``)."""
+
+    blocks: torch.Tensor
+    index: torch.Tensor
+    backend: str
+
+
+def _compact_grad(plan: SlicePlan, grad_out, x, blocks, index, backend):
+    """The compact slice's gradients: the PyTorch form on CPU (traced inline when compiling), else
+    the device's backend (one launch; as a custom op when compiling)."""
+    if torch.compiler.is_compiling():  # None: the custom ops, which dispatch when the graph runs
+        backend = torch_ops if grad_out.device.type == "cpu" else None
+    else:
+        backend = load(backend)
+    if plan.sliced == COLS:
+        if backend is torch_ops:
+            return (torch_ops.cols_grad_at(grad_out, x, index),)
+        run = torch.ops.hifi_fast.head_cols_grad if backend is None else backend.head_cols_grad
+        return (run(grad_out, x, blocks, plan.block_size),)
+    if backend is torch_ops:
+        grad_weight, grad_bias = torch_ops.rows_grad_at(grad_out, x, index, plan.with_bias)
+    else:
+        run = torch.ops.hifi_fast.head_rows_grad if backend is None else backend.head_rows_grad
+        grad_weight, grad_bias = run(grad_out, x, blocks, plan.block_size, plan.with_bias)
+    return (grad_weight, grad_bias) if plan.with_bias else (grad_weight,)
+
+
+def slice_grads(plan: SlicePlan, grad_out: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor,
+                index: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
+    """The gradient of the weight slice (and of the bias slice) from ``grad_out [..., d_out]`` and
+    the projection's input ``x [..., d_in]``."""
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    x = x.reshape(-1, x.shape[-1])
+    # Under autocast the saved input keeps its own dtype while the gradient is in the autocast
+    # dtype; the slice gradients are taken in the gradient's dtype (autograd casts them to the
+    # slices' dtype, e.g. fp32 master slices).
+    if x.dtype != grad_out.dtype:
+        x = x.to(grad_out.dtype)
+    if plan.view is None:
+        return _compact_grad(plan, grad_out, x, blocks, index, backend)
+    grad_rows = grad_out.narrow(1, *plan.view)
+    grad_weight = torch.mm(grad_rows.t(), x)
+    return (grad_weight, grad_rows.sum(0)) if plan.with_bias else (grad_weight,)
+
+
+def merged(weight: torch.Tensor, bias: torch.Tensor | None, plan: SlicePlan, index: torch.Tensor,
+           slices: tuple[torch.Tensor, ...]):
+    """``(weight, bias)`` copies holding the slice values (``slices``: weight slice, bias slice)."""
+    weight = weight.detach().index_copy(slice_dim(plan.sliced), index, slices[0].detach().to(weight.dtype))
+    if plan.with_bias and bias is not None:
+        bias = bias.detach().index_copy(0, index, slices[1].detach().to(bias.dtype))
+    return weight, bias
+
+
+def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return grad_out.matmul(weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype))
+
+
+class HeadSliceLinearFunction(torch.autograd.Function):
+    """Autograd Function of ``sparse_head_linear`` on the hot path: the weight holds the slice
+    values, the slices only carry gradients. Nothing but the math runs per call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, indices, *slices):
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.indices = plan, indices
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype))
+        return (grad_x, None, None, None, None, *slice_grads(ctx.plan, grad_out, x, *ctx.indices))
+
+
+class MergingHeadSliceLinearFunction(torch.autograd.Function):
+    """``sparse_head_linear`` where the weight does not hold the slice values (FSDP's gathered
+    copies): they are merged into a temporary copy, in the forward and again in the backward. The
+    base weight and the slices are saved rather than the merged copy: FSDP gathers the weight again
+    for the backward, and the copy lives only while it is used."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan, indices, *slices):
+        ctx.save_for_backward(x, weight, *slices)
+        ctx.plan, ctx.indices = plan, indices
+        return F.linear(x, *merged(weight, bias, plan, indices.index, slices))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *slices = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(grad_out, merged(weight, None, ctx.plan, ctx.indices.index, tuple(slices))[0])
+        return (grad_x, None, None, None, None, *slice_grads(ctx.plan, grad_out, x, *ctx.indices))
+
+
+def sparse_head_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    slices: tuple[torch.Tensor, ...],
+    plan: SlicePlan,
+    indices: SliceIndex,
+    merge: bool = False,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with gradients flowing to the head slices only.
+
+    Args:
+        weight: ``[d_out, d_in]`` frozen base weight, holding the current slice values unless ``merge``.
+        slices: the trainable weight slice (``[nb*bs, d_in]`` rows or ``[d_out, nb*bs]`` columns) and,
+            with ``plan.with_bias``, the bias slice ``[nb*bs]``.
+        indices: the ``SliceIndex`` of the plan on the tensors' device.
+        merge: ``weight``/``bias`` do not hold the slice values (FSDP's gathered copies): merge them
+            into temporary copies.
+    """
+    if merge:
+        if not torch.is_grad_enabled():
+            return F.linear(x, *merged(weight, bias, plan, indices.index, slices))
+        return MergingHeadSliceLinearFunction.apply(x, weight, bias, plan, indices, *slices)
+    if not torch.is_grad_enabled():
+        return F.linear(x, weight, bias)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return HeadSliceLinearFunction.apply(x, weight, bias, plan, indices, *slices)
+    return _apply_eagerly(x, weight, bias, plan, indices, *slices)
+
+
+# ``Function.apply``'s Python wrapper only matters for functorch transforms and for dynamo, which
+# recognises it by name; eagerly and outside them it costs a third of the call (a pytree walk of the
+# arguments), so the hot path calls the C implementation underneath it directly.
+_apply_eagerly = getattr(super(torch.autograd.Function, HeadSliceLinearFunction), "apply", HeadSliceLinearFunction.apply)
+
+
 @torch.library.custom_op("hifi_fast::head_rows_grad", mutates_args=())
 def head_rows_grad(
     grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int, with_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(∂W_S, ∂b_S)`` on the dispatched backend; ``∂b_S`` is empty when ``with_bias`` is false."""
+    """``(∂W_S, ∂b_S)`` on the dispatched backend, for compiled graphs; ``∂b_S`` is empty when
+    ``with_bias`` is false."""
     grad_weight, grad_bias = ops_for(grad_out).head_rows_grad(grad_out, inp, blocks, block_size, with_bias)
     return grad_weight, grad_bias if grad_bias is not None else grad_out.new_empty(0)
 
@@ -43,83 +216,10 @@ def _(grad_out, inp, blocks, block_size, with_bias):
 
 @torch.library.custom_op("hifi_fast::head_cols_grad", mutates_args=())
 def head_cols_grad(grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``∂W[:, S]`` on the dispatched backend."""
+    """``∂W[:, S]`` on the dispatched backend, for compiled graphs."""
     return ops_for(grad_out).head_cols_grad(grad_out, inp, blocks, block_size)
 
 
 @head_cols_grad.register_fake
 def _(grad_out, inp, blocks, block_size):
     return grad_out.new_empty(grad_out.shape[1], blocks.shape[0] * block_size)
-
-
-class SparseHeadLinearFunction(torch.autograd.Function):
-    """Autograd Function of ``sparse_head_linear``; ``slice_weight``/``slice_bias`` only carry the
-    gradient (their values are read through ``weight``)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced, merge_index):
-        # Merging, the base weight and the slice are saved rather than the merged copy: FSDP
-        # gathers the weight again for the backward, and the copy lives only while it is used.
-        ctx.save_for_backward(x, weight, blocks, *((slice_weight, merge_index) if merge_index is not None else (None, None)))
-        ctx.block_size, ctx.sliced = block_size, sliced
-        return F.linear(x, *merged(weight, bias, slice_weight, slice_bias, sliced, merge_index))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, blocks, slice_weight, merge_index = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = merged(weight, None, slice_weight, None, ctx.sliced, merge_index)[0]
-            grad_x = grad_out.matmul(weight.to(grad_out.dtype))
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        # Under autocast the saved input keeps its own dtype while the gradient is in the autocast
-        # dtype; the slice gradients are taken in the gradient's dtype (autograd casts them to the
-        # slices' dtype, e.g. fp32 master slices).
-        x_2d = x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
-        grad_slice_bias = None
-        if ctx.sliced == ROWS:
-            with_bias = ctx.needs_input_grad[4]
-            grad_slice, grad_slice_bias = head_rows_grad(grad_2d, x_2d, blocks, ctx.block_size, with_bias)
-            grad_slice_bias = grad_slice_bias if with_bias else None
-        else:
-            grad_slice = head_cols_grad(grad_2d, x_2d, blocks, ctx.block_size)
-        return grad_x, None, None, grad_slice, grad_slice_bias, None, None, None, None
-
-
-def merged(weight, bias, slice_weight, slice_bias, sliced, merge_index):
-    """``(weight, bias)`` with the slice values written into copies at ``merge_index``, or as they
-    are when ``merge_index`` is ``None`` (they already hold the slices)."""
-    if merge_index is None:
-        return weight, bias
-    weight = weight.detach().index_copy(slice_dim(sliced), merge_index, slice_weight.detach().to(weight.dtype))
-    if slice_bias is not None:
-        bias = bias.detach().index_copy(0, merge_index, slice_bias.detach().to(bias.dtype))
-    return weight, bias
-
-
-def sparse_head_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    slice_weight: torch.Tensor,
-    slice_bias: torch.Tensor | None,
-    blocks: torch.Tensor,
-    block_size: int,
-    sliced: str,
-    merge_index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` with gradients flowing to the head slices only.
-
-    Args:
-        weight: ``[d_out, d_in]`` frozen base weight, holding the current slice values.
-        slice_weight: trainable ``[nb*bs, d_in]`` (``sliced="rows"``) or ``[d_out, nb*bs]``
-            (``sliced="cols"``).
-        slice_bias: trainable ``[nb*bs]`` bias entries of the rows, or ``None``.
-        blocks: ``[nb]`` first feature of each head block; ``block_size``: features per block.
-        merge_index: ``None`` when ``weight`` holds the slice values; otherwise the ``[nb*bs]``
-            features of the slices, which are then merged into temporary copies of ``weight``/``bias``.
-    """
-    if not torch.is_grad_enabled() or not (x.requires_grad or slice_weight.requires_grad):
-        return F.linear(x, *merged(weight, bias, slice_weight, slice_bias, sliced, merge_index))
-    return SparseHeadLinearFunction.apply(x, weight, bias, slice_weight, slice_bias, blocks, block_size, sliced,
-                                          merge_index)

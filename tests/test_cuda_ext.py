@@ -73,11 +73,11 @@ def test_unavailable_says_how_to_build():
 
 @pytest.fixture
 def fresh_backends(monkeypatch):
-    """Forget the backends loaded before (``backends._load`` is lru_cached) and after the test."""
-    backends._load.cache_clear()
+    """Forget the backends loaded before (``backends.load`` is lru_cached) and after the test."""
+    backends.load.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
-    backends._load.cache_clear()
+    backends.load.cache_clear()
 
 
 @pytest.mark.skipif(cuda_ext.AVAILABLE, reason="hifi_fast._cuda is built here")
@@ -582,7 +582,7 @@ def test_gpu_runs_on_the_tensors_device():
 @gpu
 @pytest.mark.parametrize("sliced", ["rows", "cols"])
 def test_gpu_forced_backend_trains_the_slices(fresh_backends, sliced):
-    from hifi_fast.sparse_head_linear import sparse_head_linear
+    from hifi_fast.sparse_head_linear import SliceIndex, SlicePlan, sparse_head_linear
 
     torch.manual_seed(0)
     x = torch.randn(3, 17, 64, device=DEVICE)
@@ -590,20 +590,21 @@ def test_gpu_forced_backend_trains_the_slices(fresh_backends, sliced):
     if sliced == "rows":  # heads 1 and 4 of 16 features among the 96 outputs
         blocks = torch.tensor([16, 64], device=DEVICE)
         index = ops.feature_index(blocks, 16)
-        slice_weight, slice_bias = weight[index], bias[index]
+        slices = (weight[index], bias[index])
     else:  # heads 1 and 3 of 16 features among the 64 inputs
         blocks = torch.tensor([16, 48], device=DEVICE)
-        slice_weight, slice_bias = weight[:, ops.feature_index(blocks, 16)], None
+        index = ops.feature_index(blocks, 16)
+        slices = (weight[:, index],)
+    plan = SlicePlan(sliced, 16, with_bias=sliced == "rows")  # compact slices: the backend's kernels
     grads = {}
     for backend in ("torch", "cuda"):
         fresh_backends.setenv("HIFI_FAST_BACKEND", backend)
-        backends._load.cache_clear()
+        backends.load.cache_clear()
         assert backends.backend_name(x.device) == backend
-        leaf_w = slice_weight.clone().requires_grad_()
-        leaf_b = slice_bias.clone().requires_grad_() if slice_bias is not None else None
-        out = sparse_head_linear(x, weight, bias, leaf_w, leaf_b, blocks, 16, sliced)
+        leaves = [s.clone().requires_grad_() for s in slices]
+        out = sparse_head_linear(x, weight, bias, tuple(leaves), plan, SliceIndex(blocks, index, backend))
         out.square().sum().backward()
-        grads[backend] = [leaf_w.grad] + ([leaf_b.grad] if leaf_b is not None else [])
+        grads[backend] = [leaf.grad for leaf in leaves]
     assert backends.ops_for(x) is cuda_ext
     assert len(grads["cuda"]) == len(grads["torch"]) == (2 if sliced == "rows" else 1)
     for got, want in zip(grads["cuda"], grads["torch"]):

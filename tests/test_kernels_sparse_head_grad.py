@@ -106,7 +106,7 @@ def test_rejects_mismatched_inputs():
 def test_backend_dispatches_cpu_tensors_to_triton_when_interpreting(monkeypatch):
     monkeypatch.setenv("HIFI_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    backends._load.cache_clear()  # forget a module loaded before this test changed the environment
+    backends.load.cache_clear()  # forget a module loaded before this test changed the environment
     grad_out, inp = torch.randn(9, 24), torch.randn(9, 10)
     module = backends.ops_for(grad_out)
     assert module is kernels and module.AVAILABLE

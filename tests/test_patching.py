@@ -62,6 +62,10 @@ def test_merging_into_a_copy_trains_like_writing_into_the_weight(family):
         hifi_modules = [m for m in model.modules() if hasattr(m, "hifi_weight")]
         for module in hifi_modules:
             module._is_fsdp_managed_module = merge
+            if merge:  # FSDP shards every parameter on its own: slices that were views stop being so
+                for param in (module.hifi_weight, module.hifi_bias):
+                    if param is not None:
+                        param.data = param.detach().clone()
         opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
         losses, grads = [], []
         for _ in range(3):
@@ -211,6 +215,7 @@ def test_every_optimizer_kind_reaches_the_next_forward(optimizer):
     torch.testing.assert_close(merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, trained)
     query = model.bert.encoder.layer[0].attention.self.query
     torch.testing.assert_close(query.weight[8:16], query.hifi_weight, rtol=0, atol=0)  # head 1, d_h = 8
+    assert query.hifi_weight.data_ptr() == query.weight[8:16].data_ptr()  # one head: a view, stepped in place
 
 
 def test_state_dict_is_the_plain_models_and_load_refreshes_the_slices():
