@@ -23,10 +23,22 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y (row tiles) and gridDim.z (head blocks)
 
+// The device the tensors must be on. tests/test_cuda_bindings_cpu.py builds this file with
+// HIFI_FAST_CHECKS_ON_CPU and a CPU stand-in launcher (csrc/testing/cpu_launcher.cpp) into an
+// extension that takes CPU tensors: every check, message and output layout below runs in CI, against
+// each torch version the package supports, where no GPU is.
+#ifdef HIFI_FAST_CHECKS_ON_CPU
+constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+#else
+constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+#endif
+
 void check_inputs(
     const char* op, const at::Tensor& grad_out, const at::Tensor& inp, const at::Tensor& blocks,
     int64_t block_size) {
-  TORCH_CHECK(grad_out.is_cuda(), op, ": grad_out must be a CUDA tensor, got one on ", grad_out.device());
+  TORCH_CHECK(
+      grad_out.device().type() == kDevice, op, ": grad_out must be a ", c10::DeviceTypeName(kDevice),
+      " tensor, got one on ", grad_out.device());
   TORCH_CHECK(
       inp.device() == grad_out.device(), op, ": inp must be on grad_out's device ", grad_out.device(),
       ", got ", inp.device());

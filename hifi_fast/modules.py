@@ -216,16 +216,14 @@ class HeadSliceMixin:
             self.hifi_synced = self.slice_state()
 
     def _write_slices(self, params: dict) -> None:
-        """``sync_slices`` of a module that owns its whole weight (after an optimizer step, or in
-        a forward that finds the slices edited; every compiled forward: graphs cannot guard on
-        version counters, and the copy is k·d_h rows, no FLOPs)."""
+        """``sync_slices`` of a module that owns its whole weight, in an eager forward that finds
+        the slices edited in place since the last write."""
         index, (weight_slice, *bias_slice) = self.hifi_index, self.hifi_slices
         weight = params["weight"]
         self.as_2d(weight).index_copy_(slice_dim(self.hifi_plan.sliced), index, weight_slice.detach().to(weight.dtype))
         if bias_slice:
             params["bias"].index_copy_(0, index, bias_slice[0].detach().to(weight.dtype))
-        if not torch.compiler.is_compiling():
-            self.hifi_synced = self.slice_state()
+        self.hifi_synced = self.slice_state()
 
     def sync_for_state_dict(self) -> None:
         """Before ``state_dict``: the plain model's state holds the slices."""
@@ -274,8 +272,11 @@ class HeadSliceMixin:
                                       SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(x.device)), merge=True)
         # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd Function.
         plan, params, slices = self.hifi_plan, self._parameters, self.hifi_slices
-        if plan.view is None and (torch.compiler.is_compiling() or
-                                  self.hifi_synced != (slices[0]._version, slices[-1]._version)):
+        # Compiled graphs neither check (they cannot guard on version counters) nor write: a write
+        # into the weight inside a graph is an input mutation, which AOTAutograd turns into copies
+        # of the whole weight. The write after each optimizer step is all they need.
+        if plan.view is None and not torch.compiler.is_compiling() and \
+                self.hifi_synced != (slices[0]._version, slices[-1]._version):
             self._write_slices(params)
         return sparse_head_linear(x, self.as_2d(params["weight"]), params["bias"], slices, plan, self.hifi_indices)
 

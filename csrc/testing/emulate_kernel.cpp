@@ -4,13 +4,15 @@
 // Not part of the extension (setup.py compiles csrc/*.cpp and csrc/*.cu only, not this folder).
 // The kernel source is included as is, with the CUDA keywords defined away: each CTA of the launch
 // grid runs as kThreads std::threads (threadIdx is thread_local, blockIdx shared), __shared__
-// arrays become function statics shared by those threads, and __syncthreads is a std::barrier.
+// arrays become function statics shared by those threads, and __syncthreads is a barrier (C++17:
+// the file also builds with the flags of torch versions whose extensions are C++17).
 // CTAs run one after another, so the statics are never shared between CTAs. This checks the tile
 // logic (indexing, masking, strides, bias, launch geometry, tile choice), in the real scalar types
 // (c10::Half, c10::BFloat16) and accumulation types; not the GPU's memory model or speed.
 
-#include <barrier>
+#include <condition_variable>
 #include <cstdint>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -22,7 +24,32 @@ struct dim3 {
 namespace {
 thread_local dim3 threadIdx;
 dim3 blockIdx;
-std::barrier<>* cta_barrier = nullptr;
+
+// std::barrier's arrive_and_wait, in C++17.
+class Barrier {
+ public:
+  explicit Barrier(int count) : count_(count), waiting_(0), phase_(0) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned phase = phase_;
+    if (++waiting_ == count_) {
+      waiting_ = 0;
+      ++phase_;
+      all_arrived_.notify_all();
+    } else {
+      all_arrived_.wait(lock, [&] { return phase_ != phase; });
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable all_arrived_;
+  const int count_;
+  int waiting_;
+  unsigned phase_;
+};
+
+Barrier* cta_barrier = nullptr;
 }  // namespace
 
 inline void __syncthreads() { cta_barrier->arrive_and_wait(); }
@@ -54,7 +81,7 @@ void emulate(
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = dim3(x, y, z);
-          std::barrier<> barrier(kThreads);
+          Barrier barrier(kThreads);
           cta_barrier = &barrier;
           std::vector<std::thread> threads;
           threads.reserve(kThreads);
