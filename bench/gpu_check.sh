@@ -9,23 +9,23 @@
 # order of value, each under its own time limit, within an overall budget: a stage whose limit is
 # more than the time left is skipped and reported as such. A failing stage does not stop the others.
 #
-#   install, environment, kernel_tests, bench_minilm, bench_llama_bf16, cuda_ext, full_tests,
-#   compile_gate, kernel_bench, profile
+#   install, environment, headline, cuda_ext, kernel_tests, full_tests, compile_gate, kernel_bench,
+#   profile
 #
-# The default budget covers the first five (times measured on an H200, 2026-11-27: the kernel tests
-# ~145 s, a benchmark run 13-35 s each, 10 per benchmark); a rerun names the rest in
-# GPU_CHECK_STAGES. The compile gate comes late because CI already compiles every kernel for
-# cuda:80/cuda:90 on CPU (and it passed on the H200). The benchmarks stop starting runs 25 s before
-# their stage's limit (bench.run --max-seconds) and report what they finished.
+# The headline benchmark comes first (bench.headline: HiFi vs LoRA vs full vs frozen on MiniLM,
+# Llama-1B and Llama-3-8B shapes, one process, written after every round, done within the first
+# three minutes); then the CUDA extension (its error cases one process each) and the kernel tests
+# (~145 s on an H200, 2026-11-27). A rerun names the rest in GPU_CHECK_STAGES. The compile gate comes late because CI already compiles
+# every kernel for cuda:80/cuda:90 on CPU (and it passed on the H200).
 #
 # Output: $OUT if set, else bench/results/<device name>/: at most 8 flat files --
-# stages.log (one line per stage), environment.txt, compile_gate.md, gpu_tests.log, cuda_ext.log,
-# bench_minilm.md, bench_llama_bf16.md, kernels_profile.md. Bulky outputs (results.csv, plots,
-# JSON) go to a work folder outside it ($GPU_CHECK_WORK, default a new /tmp/gpu_check.* folder).
+# stages.log (one line per stage), environment.txt, headline.md, headline.csv, compile_gate.md,
+# gpu_tests.log, cuda_ext.log, kernels_profile.md. Bulky outputs (JSON) go to a work folder
+# outside it ($GPU_CHECK_WORK, default a new /tmp/gpu_check.* folder).
 # Exit status 0 only if every stage that ran passed.
 #
 # Settings (environment):
-#   GPU_CHECK_BUDGET_S=480       overall deadline in seconds
+#   GPU_CHECK_BUDGET_S=540       overall deadline in seconds
 #   GPU_CHECK_STAGES=a,b         run only these stages (install always runs), e.g. for a rerun
 #   GPU_CHECK_LIMITS=a=200,b=60  override stages' time limits (seconds)
 #   GPU_CHECK_DRY_RUN=1          walk every stage on a CPU machine with the GPU parts stubbed:
@@ -40,9 +40,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PI
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
 PLAN=${GPU_CHECK_PLAN:-0}
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 STAGES_WANTED=${GPU_CHECK_STAGES:-}
-STAGE_NAMES=(install environment kernel_tests bench_minilm bench_llama_bf16 cuda_ext full_tests compile_gate kernel_bench profile)
+STAGE_NAMES=(install environment headline cuda_ext kernel_tests full_tests compile_gate kernel_bench profile)
 KERNEL_TESTS=(tests/test_kernels_head_statistics.py tests/test_kernels_sparse_head_grad.py tests/test_ops.py tests/test_mixed_precision.py)
 
 # ---------------------------------------------------------------- the real run's arguments
@@ -56,9 +56,7 @@ KERNEL_SELECT=()
 EXT_SELECT=()
 DEVICE=cuda
 MINILM=.whl/minilm-l6                       # written by bench/gpu_pack.sh
-LLAMA=llama-1b
-METHODS=frozen,hifi,lora-r8,full
-BENCH_SIZE=(--rounds 2 --steps 10 --scoring-examples 64)
+HEADLINE_SIZE=()                            # bench.headline's defaults: 3 rounds x 5 steps
 FULL_SELECT=()
 KBENCH_SELECT=()
 PROFILE=(--model bert-base --steps 5)
@@ -74,9 +72,7 @@ if [ "$DRY" = 1 ]; then
     EXT_SELECT=(-k unavailable)
     DEVICE=cpu
     MINILM=tiny-bert
-    LLAMA=tiny-llama
-    METHODS=hifi
-    BENCH_SIZE=(--rounds 1 --steps 1 --scoring-examples 8)
+    HEADLINE_SIZE=(--dry-run --rounds 1 --steps 1 --warmup 1)
     FULL_SELECT=(-k test_pagerank_degenerate_graphs)
     KBENCH_SELECT=(-k "test_scoring_statistics and bert-base and torch")
     PROFILE=(--model tiny-bert --steps 1)
@@ -164,13 +160,10 @@ stage_cuda_ext() {
 bench_seconds() {  # a benchmark's --max-seconds: its stage's limit less time to write the report
     echo $((LIMIT[$STAGE] - 25))
 }
-stage_bench_minilm() {
-    step "$PY" -m bench.run --suite quick --device "$DEVICE" --model "$MINILM" --methods "$METHODS" "${BENCH_SIZE[@]}" \
-        --max-seconds "$(bench_seconds)" --out "$work/bench_minilm"
-}
-stage_bench_llama_bf16() {
-    step "$PY" -m bench.run --suite quick --device "$DEVICE" --model "$LLAMA" --dtype bfloat16 --methods "$METHODS" \
-        "${BENCH_SIZE[@]}" --no-naive-scoring --max-seconds "$(bench_seconds)" --out "$work/bench_llama_bf16"
+stage_headline() {
+    step "$PY" -m bench.headline --minilm "$MINILM" "${HEADLINE_SIZE[@]}" --max-seconds "$(bench_seconds)" \
+        --out "$work/headline"
+    step cp "$work/headline/headline.csv" "$out/headline.csv"
 }
 stage_full_tests() {
     local ignore=() f
@@ -191,10 +184,9 @@ stage_profile() {
 STAGE_TABLE="
 install 60 environment.txt
 environment 30 environment.txt
-kernel_tests 160 gpu_tests.log
-bench_minilm 140 bench_minilm.md
-bench_llama_bf16 150 bench_llama_bf16.md
+headline 180 headline.md
 cuda_ext 150 cuda_ext.log
+kernel_tests 160 gpu_tests.log
 full_tests 150 gpu_tests.log
 compile_gate 120 compile_gate.md
 kernel_bench 90 kernels_profile.md
