@@ -5,7 +5,7 @@
 >>> # or HiFi's PageRank selection, scored on batches (dicts of input_ids/attention_mask):
 >>> model = hifi_fast.patch(model, hifi_fast.HiFiConfig(score="pagerank"), batches)
 """
-from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError
+from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, describe
 from .checkpoint import CheckpointMismatchError, load, save
 from .config import HiFiConfig
 from .guard import NonFiniteGuard, NonFiniteStepError
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "CheckpointMismatchError", "HeadScores", "HeadSelection", "HiFiConfig", "NonFiniteGuard",
     "NonFiniteStepError", "UnsupportedModelError",
-    "count_parameters", "is_patched", "load", "patch", "print_trainable_parameters", "save",
+    "count_parameters", "describe", "is_patched", "load", "patch", "print_trainable_parameters", "save",
     "score_heads", "select_heads", "swap", "unpatch",
 ]

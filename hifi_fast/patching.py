@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .adapters import ProjectionSlice, attention_layers, get_adapter
+from .adapters import GENERAL, ProjectionSlice, attention_layers, describe, get_adapter
 from .config import HiFiConfig
 from .modules import HeadSliceMixin, convert, whole_tensor
 from .scoring import select_for_config
 from .selection import HeadSelection
 
 STATE_ATTR = "hifi_state"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,6 +151,9 @@ def patch(
     elif not isinstance(selection, HeadSelection):
         raise TypeError(f"patch: selection must be a HeadSelection or HiFiConfig, got {type(selection).__name__}")
     slices = plan_slices(model, selection)
+    if get_adapter(model) is GENERAL:
+        logger.warning("hifi_fast: %s is patched by the general adapter; what it found:\n%s",
+                       type(model).__name__, describe(model))
     to_save = resolve_modules_to_save(model, modules_to_save)
     fingerprint = weights_fingerprint(model, to_save)
 

@@ -152,3 +152,26 @@ def trainable_masks(model, family, heads_by_layer, task_heads):
         else:
             raise ValueError(family)
     return masks
+
+
+def slice_masks(model, slices, task_heads):
+    """{param name: bool mask of the entries that ``slices`` (``ProjectionSlice``s) train}, plus every
+    parameter of the top-level ``task_heads``: the masks of any layout, built from the slices alone
+    (rows: output features and their bias entries; cols: input features)."""
+    masks = {name: torch.zeros_like(p, dtype=torch.bool) for name, p in model.named_parameters()}
+    for name in masks:
+        if name.split(".")[0] in task_heads:
+            masks[name][...] = True
+    modules = dict(model.named_modules())
+    for spec in slices:
+        module = modules[spec.module_name]
+        features = [b + i for b in spec.blocks for i in range(spec.block_size)]
+        weight = masks[spec.module_name + ".weight"]
+        weight = weight if isinstance(module, torch.nn.Linear) else weight.t()  # Conv1D: [in, out]
+        if spec.sliced == "rows":
+            weight[features, :] = True
+            if module.bias is not None:
+                masks[spec.module_name + ".bias"][features] = True
+        else:
+            weight[:, features] = True
+    return masks

@@ -1,0 +1,135 @@
+"""Tiny random models of every family hifi_fast has an adapter for beyond conftest's three, built from
+config classes in code (no downloads), as sequence classifiers and, for decoders, causal LMs.
+
+Each ``Family`` states, independently of the package's adapters, where the output projections are
+(``o_proj``, for the float64 scoring reference) and the head geometry the adapter must find."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+SEQ_CLS, CAUSAL_LM = "seq_cls", "causal_lm"
+# Llama-like decoders: 4 query heads in 2 key/value groups (grouped-query attention), head_dim 8.
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+               max_position_embeddings=64, pad_token_id=0)
+
+
+@dataclass(frozen=True)
+class Family:
+    """``config()``: the tiny config; ``classes``: model class per kind; ``o_proj``: the output
+    projection of layer ``{}``; ``geometry``: ``(layers, heads, kv_heads, head_dim)``."""
+
+    name: str
+    config: Callable[[], object]
+    classes: dict[str, type]
+    o_proj: dict[str, str]
+    geometry: tuple[int, int, int, int] = (2, 4, 2, 8)
+    adapter: str = ""
+    notes: dict = field(default_factory=dict)
+
+
+def _decoder(name, config_cls, prefix, causal, seq_cls, adapter, geometry=(2, 4, 2, 8), o="self_attn.o_proj",
+             layers="layers", **overrides):
+    classes = {CAUSAL_LM: causal}
+    o_proj = {CAUSAL_LM: f"{prefix}.{layers}.{{}}.{o}"}
+    if seq_cls is not None:
+        classes[SEQ_CLS] = seq_cls
+        o_proj[SEQ_CLS] = f"{prefix}.{layers}.{{}}.{o}"
+    return Family(name, lambda: config_cls(**{**DECODER, **overrides}), classes, o_proj, geometry, adapter)
+
+
+MOE = dict(num_experts_per_tok=1)
+FAMILIES = {f.name: f for f in (
+    _decoder("gemma", tf.GemmaConfig, "model", tf.GemmaForCausalLM, tf.GemmaForSequenceClassification, "gemma",
+             (2, 4, 2, 16), head_dim=16),
+    _decoder("gemma2", tf.Gemma2Config, "model", tf.Gemma2ForCausalLM, tf.Gemma2ForSequenceClassification, "gemma",
+             (2, 4, 2, 16), head_dim=16, sliding_window=4),
+    _decoder("gemma3_text", tf.Gemma3TextConfig, "model", tf.Gemma3ForCausalLM, tf.Gemma3TextForSequenceClassification,
+             "gemma", (2, 4, 2, 16), head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"]),
+    _decoder("mixtral", tf.MixtralConfig, "model", tf.MixtralForCausalLM, tf.MixtralForSequenceClassification, "moe",
+             num_local_experts=2, **MOE),
+    _decoder("qwen2_moe", tf.Qwen2MoeConfig, "model", tf.Qwen2MoeForCausalLM, tf.Qwen2MoeForSequenceClassification, "moe",
+             num_experts=2, moe_intermediate_size=16, shared_expert_intermediate_size=16, **MOE),
+    _decoder("qwen3_moe", tf.Qwen3MoeConfig, "model", tf.Qwen3MoeForCausalLM, tf.Qwen3MoeForSequenceClassification, "moe",
+             num_experts=2, moe_intermediate_size=16, head_dim=8, **MOE),
+    _decoder("olmo2", tf.Olmo2Config, "model", tf.Olmo2ForCausalLM, tf.Olmo2ForSequenceClassification, "olmo2"),
+    _decoder("granite", tf.GraniteConfig, "model", tf.GraniteForCausalLM, None, "llama_like", attention_multiplier=0.2),
+    _decoder("smollm3", tf.SmolLM3Config, "model", tf.SmolLM3ForCausalLM, tf.SmolLM3ForSequenceClassification,
+             "llama_like", no_rope_layers=[1, 0]),
+    _decoder("glm4", tf.Glm4Config, "model", tf.Glm4ForCausalLM, tf.Glm4ForSequenceClassification, "llama_like",
+             head_dim=8),
+    _decoder("phi", tf.PhiConfig, "model", tf.PhiForCausalLM, tf.PhiForSequenceClassification, "phi",
+             o="self_attn.dense", qk_layernorm=True),
+    _decoder("phi3", tf.Phi3Config, "model", tf.Phi3ForCausalLM, tf.Phi3ForSequenceClassification, "phi3"),
+    _decoder("gpt_neox", tf.GPTNeoXConfig, "gpt_neox", tf.GPTNeoXForCausalLM, tf.GPTNeoXForSequenceClassification,
+             "gpt_neox", (2, 4, 4, 8), o="attention.dense", num_key_value_heads=None),
+    _decoder("opt", tf.OPTConfig, "model.decoder", tf.OPTForCausalLM, tf.OPTForSequenceClassification, "opt",
+             (2, 4, 4, 8), o="self_attn.out_proj", ffn_dim=48, word_embed_proj_dim=32, num_key_value_heads=None),
+    _decoder("gptj", tf.GPTJConfig, "transformer", tf.GPTJForCausalLM, tf.GPTJForSequenceClassification, "gptj",
+             (2, 4, 4, 8), o="attn.out_proj", layers="h", rotary_dim=4, num_key_value_heads=None),
+    Family("deberta_v2", lambda: tf.DebertaV2Config(
+        **ENCODER, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, share_att_key=True,
+        norm_rel_ebd="layer_norm"), {SEQ_CLS: tf.DebertaV2ForSequenceClassification},
+        {SEQ_CLS: "deberta.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "deberta_v2"),
+    Family("deberta_v2_unshared", lambda: tf.DebertaV2Config(
+        **ENCODER, relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=8, share_att_key=False),
+        {SEQ_CLS: tf.DebertaV2ForSequenceClassification},
+        {SEQ_CLS: "deberta.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "deberta_v2"),
+    Family("modernbert", lambda: tf.ModernBertConfig(
+        **ENCODER, cls_token_id=2, sep_token_id=3, bos_token_id=None, eos_token_id=None, global_attn_every_n_layers=2,
+        local_attention=4), {SEQ_CLS: tf.ModernBertForSequenceClassification},
+        {SEQ_CLS: "model.layers.{}.attn.Wo"}, (2, 4, 4, 8), "modernbert"),
+    Family("mpnet", lambda: tf.MPNetConfig(**ENCODER), {SEQ_CLS: tf.MPNetForSequenceClassification},
+           {SEQ_CLS: "mpnet.encoder.layer.{}.attention.attn.o"}, (2, 4, 4, 8), "mpnet"),
+    Family("big_bird", lambda: tf.BigBirdConfig(**ENCODER, attention_type="original_full"),
+           {SEQ_CLS: tf.BigBirdForSequenceClassification},
+           {SEQ_CLS: "bert.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "big_bird"),
+)}
+# Model types outside hifi_fast's family table that the general adapter patches (test_general_adapter.py
+# covers what it refuses).
+GENERAL = {f.name: f for f in (
+    _decoder("starcoder2", tf.Starcoder2Config, "model", tf.Starcoder2ForCausalLM, tf.Starcoder2ForSequenceClassification,
+             "general", use_bias=True),
+    _decoder("stablelm", tf.StableLmConfig, "model", tf.StableLmForCausalLM, tf.StableLmForSequenceClassification,
+             "general", qk_layernorm=True),
+    _decoder("olmo", tf.OlmoConfig, "model", tf.OlmoForCausalLM, None, "general", clip_qkv=5.0),
+    Family("ernie", lambda: tf.ErnieConfig(**ENCODER), {SEQ_CLS: tf.ErnieForSequenceClassification},
+           {SEQ_CLS: "ernie.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "general"),
+)}
+FAMILIES.update(GENERAL)
+CASES = [(name, kind) for name, family in FAMILIES.items() for kind in family.classes]
+
+
+def build(name: str, kind: str, seed: int = 0, num_labels: int = 3) -> torch.nn.Module:
+    """The tiny random ``kind`` model of family ``name`` in eval mode."""
+    family = FAMILIES[name]
+    config = family.config()
+    if kind == SEQ_CLS:
+        config.num_labels = num_labels
+    torch.manual_seed(seed)
+    return family.classes[kind](config).eval()
+
+
+def o_proj_names(name: str, kind: str) -> list[str]:
+    family = FAMILIES[name]
+    return [family.o_proj[kind].format(i) for i in range(family.geometry[0])]
+
+
+def batch(seed: int = 0, rows: int = 4, tokens: int = 11, kind: str = SEQ_CLS) -> dict:
+    """Right-padded text (4+ rows: row 1 has ``tokens - 4`` valid tokens, row 3 has 3; fewer rows: no
+    padding): class labels, or next-token labels for a
+    causal LM (padding ignored)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(4, VOCAB, (rows, tokens), generator=generator)
+    mask = torch.ones(rows, tokens, dtype=torch.long)
+    for row, valid in {1: tokens - 4, 3: 3}.items() if rows > 3 else ():
+        mask[row, valid:] = 0
+        input_ids[row, valid:] = 0
+    labels = torch.randint(0, 3, (rows,), generator=generator) if kind == SEQ_CLS else input_ids.masked_fill(mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,183 @@
+"""Every family in tests/families.py (decoders as sequence classifiers and causal LMs, encoders as
+classifiers), the same checks for each, with no per-family code:
+
+- the adapter finds the declared geometry and output projections, and ``describe`` names it;
+- the head layout is right: perturbing one head's Q/K/V rows (fused layouts included) changes that
+  head's block of the output projection's input, and its key/value group's, and no other;
+- scoring equals the float64 reference (every example run alone, unpadded);
+- one SGD step equals masked full fine-tuning (masks built from the slices);
+- AdamW steps change only the selected heads' slices (and the task head); save/load, ``unpatch`` and,
+  for causal LMs, greedy ``generate`` give the patched model's outputs bit for bit;
+- patch + unpatch without training restores the model bit for bit.
+"""
+import copy
+
+import pytest
+import torch
+
+import hifi_fast
+from families import CASES, CAUSAL_LM, FAMILIES, batch, build, o_proj_names
+from hifi_fast.adapters import attention_layers, get_adapter
+from hifi_fast.patching import plan_slices
+from reference import examples_reference, slice_masks
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SELECTION = {0: [1], 1: [0, 3]}  # a lone head (views) and two apart (compact copies)
+
+
+@pytest.fixture(params=CASES, ids=[f"{name}-{kind}" for name, kind in CASES])
+def case(request):
+    return request.param
+
+
+def _inputs(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k != "labels"}
+
+
+@torch.no_grad()
+def _o_inputs(model, names, inputs) -> list[torch.Tensor]:
+    """The inputs of the modules ``names`` (output projections) in one forward of ``inputs``."""
+    modules = dict(model.named_modules())
+    captured = {}
+    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: captured.__setitem__(n, args[0].clone()))
+               for n in names]
+    try:
+        model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [captured[n] for n in names]
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _generate(model, kind):
+    if kind != CAUSAL_LM:
+        return None
+    prompt = batch(seed=9, rows=2, tokens=5)["input_ids"]
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                              pad_token_id=0)
+
+
+def test_adapter_finds_the_declared_geometry(case):
+    name, kind = case
+    family, model = FAMILIES[name], build(*case)
+    layers = attention_layers(model)
+    assert get_adapter(model).family == family.adapter
+    assert {(len(layers), l.num_heads, l.num_kv_heads, l.head_dim) for l in layers} == {family.geometry}
+    assert [layer.o for layer in layers] == o_proj_names(*case)
+    matched = "the general adapter" if family.adapter == "general" else f"the '{family.adapter}' family adapter"
+    assert matched in hifi_fast.describe(model)
+
+
+def test_each_heads_rows_reach_only_its_own_block_of_the_output_projection(case):
+    model = build(*case)
+    adapter, layers = get_adapter(model), attention_layers(model)
+    inputs = _inputs(batch(kind=case[1]))
+    names = [layer.o for layer in layers]
+    base = _o_inputs(model, names, inputs)
+    generator = torch.Generator().manual_seed(0)
+    for i, layer in enumerate(layers):
+        h, d, group = layer.num_heads, layer.head_dim, layer.num_heads // layer.num_kv_heads
+        for head in (0, h - 1):
+            perturbed = copy.deepcopy(model)
+            modules = dict(perturbed.named_modules())
+            # OLMo 2 normalises all heads' queries (keys) together: only V's rows are a head's own there
+            rows_only = [layer.v] if getattr(adapter, "qk_norm_spans_heads", False) else None
+            with torch.no_grad():
+                for spec in layer.slices([head]):
+                    if spec.sliced != "rows" or (rows_only and spec.module_name not in rows_only):
+                        continue
+                    weight = modules[spec.module_name].weight
+                    weight = weight if isinstance(modules[spec.module_name], torch.nn.Linear) else weight.t()
+                    features = [b + j for b in spec.blocks for j in range(spec.block_size)]
+                    weight[features] += torch.randn(weight[features].shape, generator=generator)
+            out = _o_inputs(perturbed, [layer.o], inputs)[0]
+            changed = (out != base[i]).reshape(*out.shape[:-1], h, d).flatten(0, -3).any(0).any(-1)
+            same_group = [g // group == head // group for g in range(h)]
+            assert changed.tolist() == same_group, (layer.index, head, changed.tolist())
+
+
+def test_scoring_equals_the_float64_reference(case):
+    model = build(*case)
+    _, heads, _, head_dim = FAMILIES[case[0]].geometry
+    data = batch(seed=1, kind=case[1])
+    scores = hifi_fast.score_heads(model, [data])
+    examples = [{"input_ids": data["input_ids"][row:row + 1, :int(data["attention_mask"][row].sum())]}
+                for row in range(data["input_ids"].shape[0])]
+    richness, corr, pr = examples_reference(model, model, o_proj_names(*case), heads, head_dim, examples)
+    assert scores.num_examples == 4
+    torch.testing.assert_close(scores.richness, richness, rtol=1e-4, atol=0)
+    torch.testing.assert_close(scores.correlation, corr, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scores.pagerank, pr, rtol=1e-4, atol=0)
+
+
+def test_one_sgd_step_equals_masked_full_fine_tuning(case):
+    base = build(*case)
+    data, lr = batch(seed=5, kind=case[1]), 0.5
+    patched = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTION))
+    task_heads = patched.hifi_state.modules_to_save
+    masks = slice_masks(base, plan_slices(base, hifi_fast.HeadSelection(SELECTION)), task_heads)
+    optimizer = torch.optim.SGD([p for p in patched.parameters() if p.requires_grad], lr=lr)
+    patched(**data).loss.backward()
+    optimizer.step()
+
+    full = copy.deepcopy(base)
+    full(**data).loss.backward()
+    with torch.no_grad():
+        for name, p in full.named_parameters():
+            if p.grad is not None:  # None: unused by the task (BigBird's pooler)
+                p -= lr * p.grad * masks[name]
+    torch.testing.assert_close(_logits(patched, _inputs(data)), _logits(full, _inputs(data)), atol=1e-5, rtol=0)
+    merged = dict(hifi_fast.unpatch(patched).named_parameters())
+    before = dict(base.named_parameters())
+    for name, p in full.named_parameters():
+        torch.testing.assert_close(merged[name], p, atol=1e-6, rtol=0, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(merged[name][~masks[name]], before[name][~masks[name]]), name
+        if masks[name].any() and name.endswith("weight") and name.split(".")[0] not in task_heads:
+            assert not torch.equal(merged[name], before[name]), f"{name} did not train"
+
+
+def test_adamw_trains_only_the_selected_slices_and_round_trips(case, tmp_path):
+    base = build(*case)
+    kind = case[1]
+    model = hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTION))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-6)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(**batch(seed=step, kind=kind)).loss.backward()
+        optimizer.step()
+    inputs = _inputs(batch(seed=7, kind=kind))
+    logits, generated = _logits(model, inputs), _generate(model, kind)
+
+    hifi_fast.save(model, tmp_path)
+    loaded = hifi_fast.load(build(*case), tmp_path)
+    assert torch.equal(_logits(loaded, inputs), logits)
+    plain = hifi_fast.unpatch(model)
+    assert not any("HiFi" in type(m).__name__ for m in plain.modules()) and not hasattr(plain, "hifi_state")
+    assert torch.equal(_logits(plain, inputs), logits)
+    if generated is not None:
+        assert torch.equal(_generate(loaded, kind), generated) and torch.equal(_generate(plain, kind), generated)
+        assert torch.equal(_generate(hifi_fast.unpatch(loaded), kind), generated)
+
+    task_heads = get_adapter(base).default_modules_to_save(base)
+    masks = slice_masks(base, plan_slices(base, hifi_fast.HeadSelection(SELECTION)), task_heads)
+    before, after = dict(base.named_parameters()), dict(plain.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(after[name][~mask], before[name][~mask]), f"{name} changed outside the selected slices"
+        if mask.any() and name.endswith("weight"):
+            assert not torch.equal(after[name], before[name]), f"{name} did not train"
+
+
+def test_patch_then_unpatch_restores_the_model_bit_for_bit(case):
+    base = build(*case)
+    model = hifi_fast.unpatch(hifi_fast.patch(copy.deepcopy(base), hifi_fast.HeadSelection(SELECTION)))
+    assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]
+    state, reference = model.state_dict(), base.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[k], reference[k]) for k in reference)
+    assert all(p.requires_grad for p in model.parameters())
