@@ -61,13 +61,12 @@ def _call(build_dir, code: str) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
-@pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_CASES)
-def test_every_error_case_raises_and_names_the_problem(build_dir, case):
-    message, call = ERROR_CASES[case]
-    result = _call(build_dir, f"""
+def error_case_script(setup: str, call: str) -> str:
+    """A child process's script: ``setup`` defines ``ext`` (the ops), ``g``, ``x``, ``b`` and
+    ``other``; the ``call`` is made and the first line of its ``RuntimeError`` printed as JSON
+    (``null`` if none)."""
+    return textwrap.dedent(setup) + textwrap.dedent(f"""
         import json
-        g, x, b = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0])
-        other = lambda t: t.to("meta")
         op, *args = {call}
         try:
             getattr(ext, op)(*args)
@@ -76,10 +75,23 @@ def test_every_error_case_raises_and_names_the_problem(build_dir, case):
         else:
             print(json.dumps(None))
     """)
-    assert result.returncode == 0, f"{case}: the process died (rc {result.returncode}):\n{result.stderr[-3000:]}"
+
+
+def check_error_case(case: str, result: subprocess.CompletedProcess, crash_report: str = "") -> None:
+    """The child process of ``error_case_script`` for ``case`` raised the expected message."""
+    message = ERROR_CASES[case][0]
+    assert result.returncode == 0, f"{case}: the process died (rc {result.returncode}):\n{crash_report or result.stderr[-3000:]}"
     raised = json.loads(result.stdout.strip().splitlines()[-1])
-    assert raised is not None, f"{case}: no error raised"
-    assert re.search(message, raised), raised
+    assert raised is not None and re.search(message, raised), f"{case}: {raised}"
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_CASES)
+def test_every_error_case_raises_and_names_the_problem(build_dir, case):
+    setup = """
+        g, x, b = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0])
+        other = lambda t: t.to("meta")
+    """
+    check_error_case(case, _call(build_dir, error_case_script(setup, ERROR_CASES[case][1])))
 
 
 def test_bindings_compute_the_reference_gradients(build_dir):

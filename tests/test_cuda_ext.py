@@ -20,7 +20,6 @@ Four kinds of tests:
 """
 import ctypes
 import inspect
-import json
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ from torch.utils import cpp_extension
 from hifi_fast import backends, cuda_ext, ops
 
 from conftest import assert_within_twice_torch, summation_slack
-from test_cuda_bindings_cpu import ERROR_CASES
+from test_cuda_bindings_cpu import ERROR_CASES, check_error_case, error_case_script
 
 ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
@@ -525,35 +524,26 @@ def test_gpu_edge_shapes():
 # took the test run with it. The same bindings raise cleanly on CPU under torch 2.11 and 2.13
 # (tests/test_cuda_bindings_cpu.py); a crash here now names its case, with gdb's native backtrace
 # where gdb is installed.
-_GPU_CALL = """
-import json, sys, torch
+_GPU_SETUP = """
+import sys, torch
 from hifi_fast import _cuda as ext
 g, x = torch.randn(4, 8, device="cuda"), torch.randn(4, 8, device="cuda")
 b = torch.tensor([0], device="cuda")
 other = lambda t: t.cpu()
-op, *args = eval(sys.argv[1])
-try:
-    getattr(ext, op)(*args)
-except RuntimeError as err:
-    print(json.dumps(str(err).splitlines()[0]))
-else:
-    print(json.dumps(None))
 """
 
 
 @gpu
 @pytest.mark.parametrize("case", ERROR_CASES, ids=ERROR_CASES)
 def test_gpu_errors_name_the_problem(case):
-    message, call = ERROR_CASES[case]
-    command = [sys.executable, "-X", "faulthandler", "-c", _GPU_CALL, call]
+    command = [sys.executable, "-X", "faulthandler", "-c", error_case_script(_GPU_SETUP, ERROR_CASES[case][1])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    report = ""
     if result.returncode != 0 and shutil.which("gdb"):
         trace = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 40", "--args", *command],
                                capture_output=True, text=True, timeout=300)
-        pytest.fail(f"{case}: the process died (rc {result.returncode}); gdb:\n{trace.stdout[-6000:]}")
-    assert result.returncode == 0, f"{case}: the process died (rc {result.returncode}):\n{result.stderr[-3000:]}"
-    raised = json.loads(result.stdout.strip().splitlines()[-1])
-    assert raised is not None and re.search(message, raised), f"{case}: {raised}"
+        report = "gdb:\n" + trace.stdout[-6000:]
+    check_error_case(case, result, report)
 
 
 @gpu
