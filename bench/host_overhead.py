@@ -11,8 +11,8 @@ gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tu
 - host milliseconds per step (zero_grad, forward, backward, fused AdamW step; the CPU time of the
   one thread that runs it, garbage collection paused): the methods run in interleaved rounds, each
   round's median step per method, and ratios paired round by round;
-- the same with ``torch.compile`` of the model (``--compiled``; 4 layers, compiling costs minutes
-  here), with the graph breaks and recompiles seen while timing.
+- the same with ``torch.compile`` of the model and of the optimizer step (``--compiled``; 4 layers,
+  compiling costs minutes here), with the graph breaks and recompiles seen while timing.
 
 Writes ``bench/results/host-overhead/host_overhead.{md,json}`` (``--out``).
 """
@@ -70,7 +70,7 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
 class Run:
     """One method's model, optimizer and batch, and its training step."""
 
-    def __init__(self, shape: str, method: str, layers: int, compiled: bool) -> None:
+    def __init__(self, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool = True) -> None:
         self.method = method
         self.model = prepare(build_model(shape, layers), method).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -79,6 +79,7 @@ class Run:
         self.batch = {"input_ids": torch.randint(1, 256, (2, 16), generator=generator),
                       "labels": torch.randint(0, 3, (2,), generator=generator)}
         self.forward = torch.compile(self.model) if compiled else self.model
+        self.optimizer_step = torch.compile(self.optimizer.step) if compiled and compile_optimizer else self.optimizer.step
 
     def forward_backward(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -86,7 +87,7 @@ class Run:
 
     def step(self) -> None:
         self.forward_backward()
-        self.optimizer.step()
+        self.optimizer_step()
 
 
 def _is_compute(event) -> bool:
@@ -113,14 +114,14 @@ def trained_projections(model: torch.nn.Module) -> int:
     return sum(isinstance(m, hifi_fast.modules.HeadSliceMixin) for m in model.modules())
 
 
-def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool) -> dict:
+def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool) -> dict:
     from torch._dynamo.utils import counters
 
-    runs = [Run(shape, method, layers, compiled) for method in METHODS]
+    runs = [Run(shape, method, layers, compiled, compile_optimizer) for method in METHODS]
     for run in runs:  # warm-up (and compilation)
         for _ in range(3):
             run.step()
-    ops = {run.method: {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer.step)}
+    ops = {run.method: {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer_step)}
            for run in runs}
     breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
     times: dict[str, list[float]] = {run.method: [] for run in runs}
@@ -138,7 +139,8 @@ def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool) ->
     gc.enable()
     hifi = next(r for r in runs if r.method == "hifi")
     return {
-        "shape": shape, "layers": layers, "compiled": compiled, "rounds": rounds, "steps_per_round": steps,
+        "shape": shape, "layers": layers, "compiled": compiled, "compiled_optimizer": compiled and compile_optimizer,
+        "rounds": rounds, "steps_per_round": steps,
         "trained_projections": trained_projections(hifi.model),
         "graph_breaks_while_timing": sum(counters["graph_break"].values()) - breaks,
         "recompiles_while_timing": counters["stats"]["unique_graphs"] - graphs,
@@ -166,7 +168,8 @@ def report(results: list[dict]) -> str:
         "",
     ]
     for r in results:
-        mode = "compiled (`torch.compile(model)`)" if r["compiled"] else "eager"
+        mode = "eager" if not r["compiled"] else "compiled (`torch.compile` of the model and of `optimizer.step`)" \
+            if r.get("compiled_optimizer") else "compiled (`torch.compile` of the model; eager optimizer step)"
         lines += [
             f"## {r['shape']}-like, {r['layers']} layers, {mode}",
             "",
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile'd (4 layers)")
     parser.add_argument("--compiled-only", action="store_true")
+    parser.add_argument("--eager-optimizer", action="store_true", help="compiled: leave the optimizer step eager")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host-overhead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -204,11 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for layers, compiled in modes:
         for shape in args.shapes.split(","):
-            results.append(measure(shape, layers, args.rounds, args.steps, compiled))
+            results.append(measure(shape, layers, args.rounds, args.steps, compiled, not args.eager_optimizer))
             text = report(results)
             print(text.split("## ")[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "host_overhead_compiled" if args.compiled_only else "host_overhead"
+    name = "host_overhead" + ("_compiled" if args.compiled_only else "") + ("_eager_optimizer" if args.eager_optimizer else "")
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"written: {args.out / name}.md")

@@ -73,7 +73,7 @@ def _write_compact_slices(optimizer, args, kwargs) -> None:
 def _trained_parameter_ids(optimizer) -> frozenset[int]:
     """Ids of ``optimizer``'s parameters, cached on it until its parameter groups change."""
     groups = optimizer.param_groups
-    key = tuple(len(group["params"]) for group in groups)
+    key = tuple((len(g["params"]), id(g["params"][0]), id(g["params"][-1])) if g["params"] else 0 for g in groups)
     cached = optimizer.__dict__.get("_hifi_trained")
     if cached is None or cached[0] != key:
         cached = key, frozenset(id(p) for group in groups for p in group["params"])
