@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import attention_layers, get_adapter
+from .adapters import DECODER_MASK, attention_layers, get_adapter
 from .backends import ops_for
 from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
 from .importance import (
@@ -33,18 +33,21 @@ class _Accumulator:
     gradient L1 norms for every layer, on the model's device."""
 
     def __init__(self, num_layers: int, num_heads: int, device: torch.device, importance: bool = False,
-                 gradient: bool = False) -> None:
+                 gradient: bool = False, mask_keys: list[str] | None = None) -> None:
         self.entropy = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
         self.cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
         self.importance = torch.zeros_like(self.entropy) if importance else None
         self.gradient = torch.zeros_like(self.entropy) if gradient else None
         self.finite = torch.ones(num_layers, dtype=torch.bool, device=device)
-        self.mask: torch.Tensor | None = None
+        # the batch entry holding each layer's token mask (an encoder-decoder's decoder layers: the decoder's)
+        self.mask_keys = mask_keys or ["attention_mask"] * num_layers
+        self.masks: dict[str, torch.Tensor] = {}
 
     def add(self, layer: int, context: torch.Tensor, num_heads: int) -> None:
         batch, tokens, width = context.shape
-        # Images have no mask: every token (class, distillation, patches) is valid.
-        mask = self.mask if self.mask is not None else torch.ones(batch, tokens, dtype=torch.long, device=context.device)
+        mask = self.masks.get(self.mask_keys[layer])
+        if mask is None:  # images have no mask: every token (class, distillation, patches) is valid
+            mask = torch.ones(batch, tokens, dtype=torch.long, device=context.device)
         context = context.view(batch, tokens, num_heads, width // num_heads)
         self.finite[layer] &= torch.isfinite(context).all()
         gram, cross = ops_for(context).head_grams(context, mask)
@@ -79,10 +82,12 @@ class _Accumulator:
         return int(count.item())
 
 
-def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, input_key: str = "input_ids") -> dict[str, torch.Tensor]:
+def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, input_key: str = "input_ids",
+                  decoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """The model's inputs of one batch, cut to ``limit`` examples and checked while still on the
     host (so the scoring loop needs no device sync), then moved to ``device``. ``input_key`` is what
-    the model takes: ``input_ids`` (text) or ``pixel_values`` (images)."""
+    the model takes: ``input_ids`` (text) or ``pixel_values`` (images). ``decoder``: an
+    encoder-decoder model, whose decoder inputs are added (``_decoder_inputs``)."""
     if not isinstance(batch, Mapping) or ("input_ids" not in batch and PIXEL_VALUES not in batch):  # BatchEncoding too
         raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask') or 'pixel_values'")
     if input_key not in batch:
@@ -94,7 +99,39 @@ def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, inp
         raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     _check_mask(inputs["attention_mask"], index)
+    if decoder is not None:
+        inputs.update(_decoder_inputs(decoder, batch, inputs, index, limit))
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def _decoder_inputs(model: nn.Module, batch: dict, inputs: dict, index: int, limit: int) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's decoder inputs: ``decoder_input_ids`` (with ``decoder_attention_mask``, default
+    all ones), else token ``labels`` shifted right as the model's loss does (mask: the labels that are
+    not -100), else, for a classifier (whose task head reads the decoder), the input shifted right,
+    as such models do themselves (mask: ``attention_mask``)."""
+    labels = torch.as_tensor(batch["labels"])[:limit] if "labels" in batch else None
+    if "decoder_input_ids" in batch:
+        ids = torch.as_tensor(batch["decoder_input_ids"])[:limit]
+        mask = torch.as_tensor(batch["decoder_attention_mask"])[:limit] if "decoder_attention_mask" in batch else None
+    elif labels is not None and labels.dim() == 2 and hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+        mask = (labels != -100).long()
+    elif get_adapter(model).default_modules_to_save(model):
+        ids, mask = _shift_right(model, inputs["input_ids"]), inputs["attention_mask"]
+    else:
+        raise TypeError(f"scoring batch {index}: an encoder-decoder's decoder layers need 'decoder_input_ids' or token "
+                        f"'labels' ([batch, tokens], padding -100) to read (batch keys: {sorted(batch)})")
+    mask = torch.ones_like(ids) if mask is None else mask
+    _check_mask(mask, index, "decoder ")
+    return {"decoder_input_ids": ids, DECODER_MASK: mask}
+
+
+def _shift_right(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    config = model.config
+    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
+    shifted = ids.new_full(ids.shape, start)
+    shifted[:, 1:] = ids[:, :-1]
+    return shifted
 
 
 def _pixel_values(pixels, index: int, limit: int) -> torch.Tensor:
@@ -107,22 +144,24 @@ def _pixel_values(pixels, index: int, limit: int) -> torch.Tensor:
     return pixels
 
 
-def _check_mask(mask: torch.Tensor, index: int) -> None:
+def _check_mask(mask: torch.Tensor, index: int, what: str = "") -> None:
     valid = (mask != 0).sum(dim=1)
     if int(valid.sum()) == 0:
-        raise ValueError(f"scoring batch {index} is all padding (attention_mask has no nonzero entry)")
+        raise ValueError(f"scoring batch {index} is all {what}padding ({what}attention_mask has no nonzero entry)")
     empty = (valid == 0).nonzero().flatten().tolist()
     if empty:
-        raise ValueError(f"scoring batch {index}: examples {empty} are all padding; drop them from the scoring set")
+        raise ValueError(f"scoring batch {index}: examples {empty} are all {what}padding; drop them from the scoring set")
 
 
 def scoring_stream(batches: Iterable[dict], device: torch.device, num_examples: int, input_key: str,
-                    labels: bool, causal_lm: bool) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
+                    labels: bool, causal_lm: bool, decoder: nn.Module | None = None,
+                    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
     """``(inputs, labels or None)`` of the batches until ``num_examples`` examples are taken (the last
-    batch cut to fit; no batch is read past it)."""
+    batch cut to fit; no batch is read past it); ``decoder``: an encoder-decoder model (decoder inputs
+    added)."""
     seen = 0
     for index, batch in enumerate(batches):
-        inputs = _model_inputs(batch, device, index, num_examples - seen, input_key)
+        inputs = _model_inputs(batch, device, index, num_examples - seen, input_key, decoder)
         yield inputs, batch_labels(batch, inputs, index, num_examples - seen, causal_lm) if labels else None
         seen += inputs[input_key].shape[0]
         if seen >= num_examples:
@@ -177,14 +216,20 @@ def score_heads(
         raise ValueError(f"num_examples must be >= 1, got {num_examples}")
     check_warmup(warmup_steps, warmup_lr, "score_heads: warmup")
     layers = attention_layers(model)
-    input_key = get_adapter(model).input_key
+    adapter = get_adapter(model)
+    input_key = adapter.input_key
     num_heads = layers[0].num_heads
     device = next(model.parameters()).device
     if gradient and any(isinstance(m, HeadSliceMixin) for m in model.modules()):
         raise ValueError("score_heads(gradient=True) takes the gradients of the base projections: unpatch the model "
                          "first (hifi_fast.unpatch)")
     task_aware = importance or gradient
-    acc = _Accumulator(len(layers), num_heads, device, importance, gradient)
+    decoder = model if any(layer.mask == DECODER_MASK for layer in layers) else None  # encoder-decoders
+    if task_aware and decoder is not None:
+        raise ValueError(f"score_heads: importance and gradient scores are not implemented for encoder-decoder models "
+                         f"({type(model).__name__}); score them with score='pagerank' (statistics only) or select "
+                         "score='random'")
+    acc = _Accumulator(len(layers), num_heads, device, importance, gradient, [layer.mask for layer in layers])
     causal_lm = task_aware and not task_head_names(model)
     task = TaskGradients(model, layers, importance, gradient) if task_aware else None
 
@@ -200,7 +245,7 @@ def score_heads(
     # without keep_warmed_head the warm-up serves the scores only: the head's values go back after
     restore_head = task_head_restorer(model) if warm_up and not keep_warmed_head else lambda: None
     try:
-        stream = scoring_stream(batches, device, num_examples, input_key, task_aware, causal_lm)
+        stream = scoring_stream(batches, device, num_examples, input_key, task_aware, causal_lm, decoder)
         if warm_up:
             stream = list(stream)  # read twice: warm-up, then the scoring pass
             warm_up_task_head(model, stream, warmup_steps, warmup_lr)
@@ -208,7 +253,7 @@ def score_heads(
         with gated(model, layers, observe), frozen, \
                 tqdm(total=num_examples, desc="scoring heads", unit="ex", disable=not progress) as bar:
             for inputs, labels in stream:
-                acc.mask = inputs.get("attention_mask")
+                acc.masks = inputs
                 if task is None:
                     with torch.no_grad():
                         getattr(model, "base_model", model)(**inputs)

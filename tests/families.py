@@ -5,14 +5,15 @@ Each ``Family`` states, independently of the package's adapters, where the outpu
 (``o_proj``, for the float64 scoring reference) and the head geometry the adapter must find."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import transformers as tf
 
 VOCAB = 97
-SEQ_CLS, CAUSAL_LM = "seq_cls", "causal_lm"
+SEQ_CLS, CAUSAL_LM, SEQ2SEQ = "seq_cls", "causal_lm", "seq2seq_lm"
+GENERATES = (CAUSAL_LM, SEQ2SEQ)
 # Llama-like decoders: 4 query heads in 2 key/value groups (grouped-query attention), head_dim 8.
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                intermediate_size=48, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
@@ -23,15 +24,34 @@ ENCODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attent
 @dataclass(frozen=True)
 class Family:
     """``config()``: the tiny config; ``classes``: model class per kind; ``o_proj``: the output
-    projection of layer ``{}``; ``geometry``: ``(layers, heads, kv_heads, head_dim)``."""
+    projection of layer ``{}`` (or the list of them); ``geometry``: ``(layers, heads, kv_heads,
+    head_dim)``; ``eos``: the token a sequence classifier needs at the end of every row (encoder-decoder
+    classifiers pool there)."""
 
     name: str
     config: Callable[[], object]
     classes: dict[str, type]
-    o_proj: dict[str, str]
+    o_proj: dict[str, str | list[str]]
     geometry: tuple[int, int, int, int] = (2, 4, 2, 8)
     adapter: str = ""
-    notes: dict = field(default_factory=dict)
+    eos: int | None = None
+
+
+def _encoder_decoder_o_proj(encoder: str, decoder: str, cross: str, blocks: int = 2) -> list[str]:
+    """Output projections in hifi_fast's layer order: the encoder's, then per decoder block self, cross."""
+    return [encoder.format(i) for i in range(blocks)] + [
+        name.format(i) for i in range(blocks) for name in (decoder, cross)]
+
+
+T5_O = _encoder_decoder_o_proj("encoder.block.{}.layer.0.SelfAttention.o", "decoder.block.{}.layer.0.SelfAttention.o",
+                               "decoder.block.{}.layer.1.EncDecAttention.o")
+BART_O = _encoder_decoder_o_proj("model.encoder.layers.{}.self_attn.out_proj", "model.decoder.layers.{}.self_attn.out_proj",
+                                 "model.decoder.layers.{}.encoder_attn.out_proj")
+T5 = dict(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+          pad_token_id=0, eos_token_id=2, decoder_start_token_id=0)
+BART = dict(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
 
 
 def _decoder(name, config_cls, prefix, causal, seq_cls, adapter, geometry=(2, 4, 2, 8), o="self_attn.o_proj",
@@ -103,6 +123,25 @@ GENERAL = {f.name: f for f in (
            {SEQ_CLS: "ernie.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "general"),
 )}
 FAMILIES.update(GENERAL)
+# Encoder-decoders: 2 encoder layers, then decoder self- and cross-attention per block: 6 layers of heads.
+FAMILIES.update({f.name: f for f in (
+    Family("t5", lambda: tf.T5Config(**T5), {SEQ2SEQ: tf.T5ForConditionalGeneration,
+                                             SEQ_CLS: tf.T5ForSequenceClassification},
+           {SEQ2SEQ: T5_O, SEQ_CLS: ["transformer." + n for n in T5_O]}, (6, 4, 4, 16), "t5", eos=2),
+    Family("mt5", lambda: tf.MT5Config(**T5), {SEQ2SEQ: tf.MT5ForConditionalGeneration}, {SEQ2SEQ: T5_O},
+           (6, 4, 4, 16), "t5"),
+    Family("bart", lambda: tf.BartConfig(**BART), {SEQ2SEQ: tf.BartForConditionalGeneration,
+                                                   SEQ_CLS: tf.BartForSequenceClassification},
+           {SEQ2SEQ: BART_O, SEQ_CLS: BART_O}, (6, 4, 4, 8), "bart", eos=2),
+    Family("mbart", lambda: tf.MBartConfig(**BART), {SEQ2SEQ: tf.MBartForConditionalGeneration}, {SEQ2SEQ: BART_O},
+           (6, 4, 4, 8), "bart"),
+    # init_std 0.1: at 0.02 their attention is uniform (no embedding norm, sinusoidal positions), every token's
+    # context the same, and the float32 CKA of such near-constant outputs is noise
+    Family("marian", lambda: tf.MarianConfig(**BART, init_std=0.1), {SEQ2SEQ: tf.MarianMTModel}, {SEQ2SEQ: BART_O},
+           (6, 4, 4, 8), "bart"),
+    Family("pegasus", lambda: tf.PegasusConfig(**BART, init_std=0.1), {SEQ2SEQ: tf.PegasusForConditionalGeneration},
+           {SEQ2SEQ: BART_O}, (6, 4, 4, 8), "bart"),
+)})
 CASES = [(name, kind) for name, family in FAMILIES.items() for kind in family.classes]
 
 
@@ -117,19 +156,47 @@ def build(name: str, kind: str, seed: int = 0, num_labels: int = 3) -> torch.nn.
 
 
 def o_proj_names(name: str, kind: str) -> list[str]:
-    family = FAMILIES[name]
-    return [family.o_proj[kind].format(i) for i in range(family.geometry[0])]
+    family, o_proj = FAMILIES[name], FAMILIES[name].o_proj[kind]
+    return list(o_proj) if isinstance(o_proj, list) else [o_proj.format(i) for i in range(family.geometry[0])]
 
 
-def batch(seed: int = 0, rows: int = 4, tokens: int = 11, kind: str = SEQ_CLS) -> dict:
-    """Right-padded text (4+ rows: row 1 has ``tokens - 4`` valid tokens, row 3 has 3; fewer rows: no
-    padding): class labels, or next-token labels for a
-    causal LM (padding ignored)."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(4, VOCAB, (rows, tokens), generator=generator)
+def _padded(generator, rows: int, tokens: int, eos: int | None = None):
+    ids = torch.randint(4, VOCAB, (rows, tokens), generator=generator)
     mask = torch.ones(rows, tokens, dtype=torch.long)
     for row, valid in {1: tokens - 4, 3: 3}.items() if rows > 3 else ():
         mask[row, valid:] = 0
-        input_ids[row, valid:] = 0
-    labels = torch.randint(0, 3, (rows,), generator=generator) if kind == SEQ_CLS else input_ids.masked_fill(mask == 0, -100)
+        ids[row, valid:] = 0
+    if eos is not None:
+        ids[torch.arange(rows), mask.sum(1) - 1] = eos
+    return ids, mask
+
+
+def batch(seed: int = 0, rows: int = 4, tokens: int = 11, kind: str = SEQ_CLS, eos: int | None = None) -> dict:
+    """Right-padded text (4+ rows: row 1 has ``tokens - 4`` valid tokens, row 3 has 3; fewer rows: no
+    padding; ``eos`` ends every row): class labels, next-token labels for a causal LM (padding -100),
+    or target text for a sequence-to-sequence LM (7 tokens, padded the same way, -100)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids, mask = _padded(generator, rows, tokens, eos)
+    if kind == SEQ_CLS:
+        labels = torch.randint(0, 3, (rows,), generator=generator)
+    elif kind == CAUSAL_LM:
+        labels = input_ids.masked_fill(mask == 0, -100)
+    else:
+        target, target_mask = _padded(generator, rows, 7)
+        labels = target.masked_fill(target_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def sample(name: str, kind: str, seed: int = 0, rows: int = 4, tokens: int = 11) -> dict:
+    """``batch`` as family ``name``'s ``kind`` model takes it."""
+    return batch(seed, rows, tokens, kind, FAMILIES[name].eos if kind == SEQ_CLS else None)
+
+
+def model_inputs(model, data: dict, kind: str) -> dict:
+    """The forward inputs of ``data`` without its labels; a sequence-to-sequence LM gets the decoder
+    inputs its loss would make of them (labels shifted right; mask: labels that are not -100)."""
+    inputs = {k: v for k, v in data.items() if k != "labels"}
+    if kind == SEQ2SEQ:
+        inputs["decoder_input_ids"] = model.prepare_decoder_input_ids_from_labels(labels=data["labels"])
+        inputs["decoder_attention_mask"] = (data["labels"] != -100).long()
+    return inputs

@@ -11,7 +11,7 @@ import transformers as tf
 from torch import nn
 
 import hifi_fast
-from families import DECODER, ENCODER, SEQ_CLS, build
+from families import BART, DECODER, ENCODER, SEQ_CLS, build
 from hifi_fast.adapters import GENERAL, get_adapter
 
 
@@ -50,10 +50,8 @@ REFUSED = {
         lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=4)),
         r"found a fused Q/K/V projection 'transformer\.h\.0\.self_attention\.query_key_value'"),
-    "encoder-decoder stacks (Pegasus)": (
-        lambda: tf.PegasusForConditionalGeneration(tf.PegasusConfig(
-            vocab_size=97, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48)),
+    "encoder-decoder stacks (M2M100)": (
+        lambda: tf.M2M100ForConditionalGeneration(tf.M2M100Config(**BART)),
         r"found attention modules in 3 stacks \(model\.decoder\.layers\.\*\.encoder_attn, "
         r"model\.decoder\.layers\.\*\.self_attn, model\.encoder\.layers\.\*\.self_attn\)"),
     "shapes that contradict the config": (

@@ -18,13 +18,14 @@ from .general import GeneralAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .neox import GPTNeoXAdapter
+from .seq2seq import DECODER_MASK, BartAdapter, T5Adapter
 from .vit import DeiTAdapter, ViTAdapter
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     BertAdapter(), DistilBertAdapter(), GPT2Adapter(), LlamaAdapter(),
     GemmaAdapter(), MoEAdapter(), OLMo2Adapter(), LlamaLikeAdapter(), PhiAdapter(), Phi3Adapter(), GPTNeoXAdapter(),
     OPTAdapter(), GPTJAdapter(),
-    DebertaV2Adapter(), ModernBertAdapter(), MPNetAdapter(), BigBirdAdapter(),
+    DebertaV2Adapter(), ModernBertAdapter(), MPNetAdapter(), BigBirdAdapter(), T5Adapter(), BartAdapter(),
     ViTAdapter(), DeiTAdapter(), CLIPVisionAdapter(), CLIPTextAdapter(), CLIPAdapter(),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)
@@ -104,6 +105,6 @@ def describe(model: nn.Module) -> str:
 
 
 __all__ = [
-    "ADAPTERS", "GENERAL", "GROUPED", "STACKED", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "AttentionLayer",
+    "ADAPTERS", "DECODER_MASK", "GENERAL", "GROUPED", "STACKED", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "AttentionLayer",
     "ProjectionSlice", "UnsupportedModelError", "attention_layers", "describe", "get_adapter",
 ]

@@ -166,7 +166,6 @@ class ArchitectureAdapter:
     kv_heads_attr: str | None = None
     task_heads: tuple[str, ...] = ()
     input_key: str = "input_ids"
-    encoder_decoder: bool = False
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` for a model of this family that cannot be patched as is."""
