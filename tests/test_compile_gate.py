@@ -151,3 +151,14 @@ def test_targets_and_filters_are_checked(tmp_path):
     assert result.returncode == 2 and "target 'cuda:75'" in result.stderr
     result, _ = _gate(tmp_path, "--models", "gpt-5")
     assert result.returncode == 2 and "unknown model or precision gpt-5" in result.stderr
+
+
+def test_the_gate_covers_the_head_dims_of_the_supported_families():
+    """Every head width the adapters meet in released models compiles: 32 (MiniLM), 64 (BERT, GPT-2,
+    Llama 3.2), 80 (Phi-2), 96 (Phi-3), 128 (Llama 3 8B), 256 (Gemma; its scoring statistics take
+    PyTorch's path, ``MAX_HEAD_DIM``, and the gradient kernel compiles for it); GQA down to one
+    key/value head (Gemma 2B)."""
+    from hifi_fast.kernels.compile_check import MODELS
+
+    assert {m.head_dim for m in MODELS.values()} >= {32, 64, 80, 96, 128, 256}
+    assert min(m.kv_heads for m in MODELS.values()) == 1

@@ -59,6 +59,8 @@ MODELS = {
     "roberta-large": Model(1024, 16, 16, 64, bias=True),
     "gpt2": Model(768, 12, 12, 64, bias=True, fused_qkv=True),
     "phi-2": Model(2560, 32, 32, 80, bias=True),
+    "gemma-2b": Model(2048, 8, 1, 256, bias=False),
+    "gemma-7b": Model(3072, 16, 16, 256, bias=False),
     "phi-3-mini": Model(3072, 32, 32, 96, bias=False, fused_qkv=True),
     "llama-3.2-1b": Model(2048, 32, 8, 64, bias=False),
     "llama-3-8b": Model(4096, 32, 8, 128, bias=False),
