@@ -171,8 +171,8 @@ class TaskGradients:
 
 
 def projection_names(layers: list[AttentionLayer]) -> list[str]:
-    """The Q/K/V (or fused QKV) and O projection modules of every layer, each once."""
-    names = [n for layer in layers for n in (layer.qkv, layer.q, layer.k, layer.v, layer.o) if n is not None]
+    """The Q/K/V (or fused QKV), O and extra per-head projection modules of every layer, each once."""
+    names = [n for layer in layers for n in layer.projections().values()]
     return list(dict.fromkeys(names))
 
 

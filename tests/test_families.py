@@ -119,6 +119,32 @@ def test_scoring_equals_the_float64_reference(case):
     torch.testing.assert_close(scores.pagerank, pr, rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_score_is_each_heads_slice_gradient_and_importance_runs(case):
+    """``score="gradient"``: per head, the L1 norm of the summed loss's gradient over the slices it
+    would train, per example (autograd on the whole model as the reference); ``score="importance"``
+    runs on every layout (its values are checked against references in test_importance.py)."""
+    if any(layer.mask != "attention_mask" for layer in attention_layers(build(*case))):
+        pytest.skip("encoder-decoders refuse task scores (test_encoder_decoder_scoring_...)")
+    from hifi_fast.importance import per_example_loss
+
+    model = build(*case)
+    data = sample(*case, seed=3)
+    scores = hifi_fast.score_heads(model, [data], gradient=True, importance=True, warmup_steps=0)
+    causal_lm = not get_adapter(model).default_modules_to_save(model)
+    logits = model(**model_inputs(model, data, case[1])).logits
+    per_example_loss(model, logits, data["labels"], causal_lm).sum().backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    layers = attention_layers(model)
+    expected = torch.zeros(len(layers), layers[0].num_heads)
+    for i, layer in enumerate(layers):
+        for head in range(layer.num_heads):
+            masks = slice_masks(model, layer.slices([head]), ())
+            expected[i, head] = sum(grads[n][m].abs().sum() for n, m in masks.items() if m.any())
+    torch.testing.assert_close(scores.gradient, expected.double() / 4, rtol=1e-5, atol=1e-9)
+    assert scores.importance.shape == expected.shape and torch.isfinite(scores.importance).all()
+    assert (scores.importance > 0).any()
+
+
 def test_one_sgd_step_equals_masked_full_fine_tuning(case):
     base = build(*case)
     data, lr = sample(*case, seed=5), 0.5
