@@ -105,7 +105,8 @@ def per_example_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tenso
 
 class HeadGates:
     """Per-example gates ``xi[b, h] = 1`` on every layer's head outputs; one leaf tensor per layer,
-    made at the layer's first forward (on its device, in its dtype)."""
+    made at the layer's first forward (on its device, in its dtype) and shared by its later runs in
+    the same forward (ALBERT's shared layers: the gate scales the head at every depth)."""
 
     def __init__(self, num_layers: int, num_heads: int) -> None:
         self.num_heads = num_heads
@@ -114,8 +115,10 @@ class HeadGates:
     def apply(self, layer: int, context: torch.Tensor) -> torch.Tensor:
         """``context`` ``[B, T, H * d]`` with head ``h`` of example ``b`` multiplied by ``xi[b, h]``."""
         batch, tokens, width = context.shape
-        gate = torch.ones(batch, self.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
-        self.leaves[layer] = gate
+        gate = self.leaves[layer]
+        if gate is None:
+            gate = torch.ones(batch, self.num_heads, dtype=context.dtype, device=context.device, requires_grad=True)
+            self.leaves[layer] = gate
         heads = context.view(batch, tokens, self.num_heads, width // self.num_heads)
         return (heads * gate[:, None, :, None]).view(batch, tokens, width)
 

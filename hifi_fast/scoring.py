@@ -274,8 +274,9 @@ def score_heads(
     if bad:
         what = "attention outputs or task gradients" if task_aware else "attention outputs"
         raise ValueError(f"non-finite (NaN/inf) {what} in layers {bad} while scoring")
-    richness = acc.entropy / seen
-    correlation = acc.cka / seen
+    runs = torch.tensor([layer.applications for layer in layers], dtype=torch.float64, device=acc.entropy.device)
+    richness = acc.entropy / seen / runs[:, None]  # a shared layer's module runs `applications` times per example
+    correlation = acc.cka / seen / runs[:, None, None]
     correlation.diagonal(dim1=-2, dim2=-1).fill_(1.0)
     return HeadScores(
         richness=richness.cpu(),

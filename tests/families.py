@@ -107,6 +107,12 @@ FAMILIES = {f.name: f for f in (
         {SEQ_CLS: "model.layers.{}.attn.Wo"}, (2, 4, 4, 8), "modernbert"),
     Family("mpnet", lambda: tf.MPNetConfig(**ENCODER), {SEQ_CLS: tf.MPNetForSequenceClassification},
            {SEQ_CLS: "mpnet.encoder.layer.{}.attention.attn.o"}, (2, 4, 4, 8), "mpnet"),
+    # 4 layers sharing 2 groups' weights: hifi_fast's 2 layers, each run twice per forward (initializer_range
+    # 0.1: at 0.02 every token's context is nearly the same, see Marian below)
+    Family("albert", lambda: tf.AlbertConfig(**{**ENCODER, "num_hidden_layers": 4}, embedding_size=16,
+                                             num_hidden_groups=2, initializer_range=0.1),
+        {SEQ_CLS: tf.AlbertForSequenceClassification},
+        {SEQ_CLS: "albert.encoder.albert_layer_groups.{}.albert_layers.0.attention.dense"}, (2, 4, 4, 8), "albert"),
     Family("big_bird", lambda: tf.BigBirdConfig(**ENCODER, attention_type="original_full"),
            {SEQ_CLS: tf.BigBirdForSequenceClassification},
            {SEQ_CLS: "bert.encoder.layer.{}.attention.output.dense"}, (2, 4, 4, 8), "big_bird"),

@@ -84,12 +84,13 @@ def score_reference(model, family, batches, damping=0.85):
 @torch.no_grad()
 def examples_reference(model, forward, o_proj, num_heads, head_dim, examples, damping=0.85):
     """Richness/CKA/PageRank from the inputs of the output projections ``o_proj`` (module names,
-    one per layer), each example (a dict of inputs, batch 1, no padding) run alone by ``forward``."""
+    one per layer), each example (a dict of inputs, batch 1, no padding) run alone by ``forward``. A
+    module that runs several times per forward (ALBERT's shared layers) counts the mean over its runs."""
     num_layers = len(o_proj)
     modules = dict(model.named_modules())
     captured = {}
     handles = [
-        modules[name].register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0][0].double()))
+        modules[name].register_forward_pre_hook(lambda m, args, i=i: captured.setdefault(i, []).append(args[0][0].double()))
         for i, name in enumerate(o_proj)
     ]
     ent = torch.zeros(num_layers, num_heads, dtype=torch.float64)
@@ -97,14 +98,16 @@ def examples_reference(model, forward, o_proj, num_heads, head_dim, examples, da
     count = 0
     try:
         for example in examples:
+            captured.clear()
             forward(**example)
             count += 1
             for layer in range(num_layers):
-                heads = captured[layer].view(-1, num_heads, head_dim)
-                for h in range(num_heads):
-                    ent[layer, h] += entropy_of(heads[:, h])
-                    for g in range(num_heads):
-                        cka[layer, h, g] += cka_of(heads[:, h], heads[:, g])
+                for run in captured[layer]:
+                    heads, share = run.view(-1, num_heads, head_dim), 1 / len(captured[layer])
+                    for h in range(num_heads):
+                        ent[layer, h] += share * entropy_of(heads[:, h])
+                        for g in range(num_heads):
+                            cka[layer, h, g] += share * cka_of(heads[:, h], heads[:, g])
     finally:
         for handle in handles:
             handle.remove()

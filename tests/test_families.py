@@ -33,11 +33,16 @@ def case(request):
 
 @torch.no_grad()
 def _o_inputs(model, names, inputs) -> list[torch.Tensor]:
-    """The inputs of the modules ``names`` (output projections) in one forward of ``inputs``."""
+    """The inputs of the modules ``names`` (output projections) in one forward of ``inputs`` (a shared
+    module's first run: ALBERT's later runs read what every head wrote before)."""
     modules = dict(model.named_modules())
     captured = {}
-    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: captured.__setitem__(n, args[0].clone()))
-               for n in names]
+
+    def keep(name, args):
+        if name not in captured:
+            captured[name] = args[0].clone()  # returns None: the module's input stays as it is
+
+    handles = [modules[n].register_forward_pre_hook(lambda m, args, n=n: keep(n, args)) for n in names]
     try:
         model(**inputs)
     finally:

@@ -42,7 +42,8 @@ class AttentionLayer:
     are ``num_heads`` blocks of ``head_dim``, one per query head, in head order (DeBERTa's
     ``pos_key_proj``/``pos_query_proj``); a head's rows there train with it. ``mask``: the batch entry
     whose mask covers this layer's tokens (``"decoder_attention_mask"`` for the decoder layers of
-    an encoder-decoder)."""
+    an encoder-decoder). ``applications``: how many times the module runs in one forward (ALBERT's
+    shared layers); scoring averages its heads' statistics over them."""
 
     index: int
     o: str
@@ -56,6 +57,7 @@ class AttentionLayer:
     qkv_layout: str = STACKED
     extra_rows: tuple[str, ...] = ()
     mask: str = "attention_mask"
+    applications: int = 1
 
     def kv_heads(self, heads: list[int]) -> list[int]:
         """Key/value heads read by the query ``heads`` (grouped-query attention shares them)."""

@@ -1,5 +1,11 @@
-"""Encoders used for classification beyond BERT's layout: DeBERTa-v2/v3, ModernBERT, MPNet, BigBird."""
-from .base import ArchitectureAdapter
+"""Encoders used for classification beyond BERT's layout: DeBERTa-v2/v3, ModernBERT, MPNet, BigBird, ALBERT."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+
+from .base import ArchitectureAdapter, AttentionLayer
 from .bert import BertAdapter
 
 
@@ -48,3 +54,27 @@ class BigBirdAdapter(BertAdapter):
 
     family = "big_bird"
     model_types = ("big_bird",)
+
+
+class AlbertAdapter(ArchitectureAdapter):
+    """ALBERT: its ``num_hidden_layers`` layers share the weights of ``num_hidden_groups`` groups of
+    ``inner_group_num`` layers (one group of one layer in every released ALBERT: a single attention
+    module run 12 or 24 times). A hifi_fast layer is one such shared module, in group order, and
+    head ``h`` of it is head ``h`` at every depth the module runs at: its slices train on the gradient
+    summed over those runs, and scoring averages its statistics over them
+    (``AttentionLayer.applications``). ``classifier`` trains; the pooler comes pretrained."""
+
+    family = "albert"
+    model_types = ("albert",)
+    q, k, v, o = "query", "key", "value", "dense"
+    task_heads = ("classifier",)
+
+    def layers(self, model: nn.Module) -> list[AttentionLayer]:
+        config = model.config
+        depth, groups = config.num_hidden_layers, config.num_hidden_groups
+        runs = [sum(1 for i in range(depth) if int(i / (depth / groups)) == g) for g in range(groups)]  # as ALBERT
+        layers: list[AttentionLayer] = []
+        for group in range(groups):
+            for layer in self.find_layers(model, rf"albert_layer_groups\.{group}\.albert_layers\.(\d+)\.attention"):
+                layers.append(replace(layer, index=len(layers), applications=runs[group]))
+        return layers
