@@ -33,7 +33,7 @@ class _Accumulator:
     gradient L1 norms for every layer, on the model's device."""
 
     def __init__(self, num_layers: int, num_heads: int, device: torch.device, importance: bool = False,
-                 gradient: bool = False, mask_keys: list[str] | None = None) -> None:
+                 gradient: bool = False, mask_keys: list[str] | None = None, pads_inputs: bool = False) -> None:
         self.entropy = torch.zeros(num_layers, num_heads, dtype=torch.float64, device=device)
         self.cka = torch.zeros(num_layers, num_heads, num_heads, dtype=torch.float64, device=device)
         self.importance = torch.zeros_like(self.entropy) if importance else None
@@ -42,12 +42,15 @@ class _Accumulator:
         # the batch entry holding each layer's token mask (an encoder-decoder's decoder layers: the decoder's)
         self.mask_keys = mask_keys or ["attention_mask"] * num_layers
         self.masks: dict[str, torch.Tensor] = {}
+        self.pads_inputs = pads_inputs  # tokens the model appends itself (BigBird's block-sparse mode) are padding
 
     def add(self, layer: int, context: torch.Tensor, num_heads: int) -> None:
         batch, tokens, width = context.shape
         mask = self.masks.get(self.mask_keys[layer])
         if mask is None:  # images have no mask: every token (class, distillation, patches) is valid
             mask = torch.ones(batch, tokens, dtype=torch.long, device=context.device)
+        elif self.pads_inputs and mask.shape[1] < tokens:
+            mask = torch.nn.functional.pad(mask, (0, tokens - mask.shape[1]))
         context = context.view(batch, tokens, num_heads, width // num_heads)
         self.finite[layer] &= torch.isfinite(context).all()
         gram, cross = ops_for(context).head_grams(context, mask)
@@ -229,7 +232,8 @@ def score_heads(
         raise ValueError(f"score_heads: importance and gradient scores are not implemented for encoder-decoder models "
                          f"({type(model).__name__}); score them with score='pagerank' (statistics only) or select "
                          "score='random'")
-    acc = _Accumulator(len(layers), num_heads, device, importance, gradient, [layer.mask for layer in layers])
+    acc = _Accumulator(len(layers), num_heads, device, importance, gradient, [layer.mask for layer in layers],
+                       adapter.pads_inputs)
     causal_lm = task_aware and not task_head_names(model)
     task = TaskGradients(model, layers, importance, gradient) if task_aware else None
 

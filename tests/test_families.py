@@ -257,3 +257,26 @@ def test_encoder_decoder_with_other_decoder_head_count_or_no_encoder_is_refused(
     with pytest.raises(hifi_fast.UnsupportedModelError, match=r"a decoder without its encoder never runs its "
                                                               r"cross-attention layers"):
         hifi_fast.describe(decoder_only)
+
+
+def test_big_bird_block_sparse_scores_the_tokens_it_pads_as_padding_and_trains():
+    """Block-sparse BigBird pads the input to a multiple of its block itself: scoring counts those
+    tokens as padding (the scores equal those of the batch padded beforehand), and training runs."""
+    import transformers as tf
+    from families import ENCODER, batch
+
+    torch.manual_seed(0)
+    config = tf.BigBirdConfig(**ENCODER, attention_type="block_sparse", block_size=2, num_random_blocks=1, num_labels=3)
+    model = tf.BigBirdForSequenceClassification(config).eval()
+    assert type(model.bert.encoder.layer[0].attention.self).__name__ == "BigBirdBlockSparseAttention"
+    data = batch(seed=1, tokens=19)  # long enough for block-sparse attention, padded to 20 by the model
+    padded = {k: v if k == "labels" else torch.nn.functional.pad(v, (0, 1)) for k, v in data.items()}
+    scores, expected = hifi_fast.score_heads(model, [data]), hifi_fast.score_heads(model, [padded])
+    for name in ("richness", "correlation", "pagerank"):
+        torch.testing.assert_close(getattr(scores, name), getattr(expected, name), rtol=1e-6, atol=1e-9)
+    patched = hifi_fast.patch(copy.deepcopy(model), hifi_fast.HeadSelection(SELECTION))
+    optimizer = torch.optim.AdamW([p for p in patched.parameters() if p.requires_grad], lr=1e-2)
+    patched(**data).loss.backward()
+    optimizer.step()
+    trained = _logits(patched, model_inputs(patched, data, "seq_cls"))
+    assert torch.equal(_logits(hifi_fast.unpatch(patched), model_inputs(model, data, "seq_cls")), trained)

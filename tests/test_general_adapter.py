@@ -38,11 +38,11 @@ def _head_dim_disagrees():
 
 
 REFUSED = {
-    "global projections (Longformer)": (
-        lambda: tf.LongformerForSequenceClassification(tf.LongformerConfig(**ENCODER, attention_window=4)),
-        r"'longformer\.encoder\.layer\.0\.attention\.self\.query_global\.weight' \(shape \(32, 32\)\) belongs to the "
-        r"attention module 'longformer\.encoder\.layer\.0\.attention' but is none of its Q/K/V/O projections nor a "
-        r"per-head norm"),
+    "a convolution inside attention (Nystromformer)": (
+        lambda: tf.NystromformerForSequenceClassification(tf.NystromformerConfig(**ENCODER)),
+        r"'nystromformer\.encoder\.layer\.0\.attention\.self\.conv\.weight' \(shape \(4, 1, 65, 1\)\) belongs to "
+        r"the attention module 'nystromformer\.encoder\.layer\.0\.attention' but is none of its Q/K/V/O projections "
+        r"nor a per-head norm"),
     "q/k norm with a weight per head (Cohere)": (
         lambda: tf.CohereForCausalLM(tf.CohereConfig(**DECODER, use_qk_norm=True)),
         r"'model\.layers\.0\.self_attn\.q_norm\.weight' \(shape \(4, 8\)\)"),

@@ -13,7 +13,9 @@ from .clip import CLIPAdapter, CLIPTextAdapter, CLIPVisionAdapter
 from .decoders import (
     GemmaAdapter, GPTJAdapter, LlamaLikeAdapter, MoEAdapter, OLMo2Adapter, OPTAdapter, Phi3Adapter, PhiAdapter,
 )
-from .encoders import AlbertAdapter, BigBirdAdapter, DebertaV2Adapter, ModernBertAdapter, MPNetAdapter
+from .encoders import (
+    AlbertAdapter, BigBirdAdapter, DebertaV2Adapter, ModernBertAdapter, MPNetAdapter,
+)
 from .general import GeneralAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
@@ -25,8 +27,8 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     BertAdapter(), DistilBertAdapter(), GPT2Adapter(), LlamaAdapter(),
     GemmaAdapter(), MoEAdapter(), OLMo2Adapter(), LlamaLikeAdapter(), PhiAdapter(), Phi3Adapter(), GPTNeoXAdapter(),
     OPTAdapter(), GPTJAdapter(),
-    DebertaV2Adapter(), ModernBertAdapter(), MPNetAdapter(), BigBirdAdapter(), AlbertAdapter(), T5Adapter(),
-    BartAdapter(),
+    DebertaV2Adapter(), ModernBertAdapter(), MPNetAdapter(), BigBirdAdapter(), AlbertAdapter(),
+    T5Adapter(), BartAdapter(),
     ViTAdapter(), DeiTAdapter(), CLIPVisionAdapter(), CLIPTextAdapter(), CLIPAdapter(),
 )
 SUPPORTED_MODEL_TYPES = tuple(t for a in ADAPTERS for t in a.model_types)

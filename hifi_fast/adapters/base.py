@@ -150,7 +150,9 @@ class ArchitectureAdapter:
     names with the layer index as group 1), the projection names relative to that module, the config
     attributes holding the head counts, ``task_heads`` (top-level modules trained in full) and
     ``input_key``, the batch entry the scoring pass feeds the model (``"pixel_values"``: images,
-    every token valid). ``layers`` checks every projection's class and shape against the head
+    every token valid). ``pads_inputs``: the model pads the token axis on the right itself, to a
+    multiple of its block (BigBird's block-sparse attention), and the scoring pass counts
+    those tokens as padding. ``layers`` checks every projection's class and shape against the head
     geometry (``verify_layer``): a model whose projections do not match is refused, never patched
     approximately."""
 
@@ -168,6 +170,7 @@ class ArchitectureAdapter:
     kv_heads_attr: str | None = None
     task_heads: tuple[str, ...] = ()
     input_key: str = "input_ids"
+    pads_inputs: bool = False
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` for a model of this family that cannot be patched as is."""

@@ -50,10 +50,12 @@ class MPNetAdapter(ArchitectureAdapter):
 
 
 class BigBirdAdapter(BertAdapter):
-    """BigBird: BERT's layout, in full or block-sparse attention (the same projections either way)."""
+    """BigBird: BERT's layout, in full or block-sparse attention (the same projections either way;
+    block-sparse pads the input to a multiple of its block itself)."""
 
     family = "big_bird"
     model_types = ("big_bird",)
+    pads_inputs = True
 
 
 class AlbertAdapter(ArchitectureAdapter):
