@@ -1,7 +1,8 @@
 """The general adapter (hifi_fast/adapters/general.py): a model type outside the family table is
 patched when its attention follows the common pattern (tests/test_families.py runs every family check
-on StarCoder2, StableLM, OLMo and ERNIE through it), and refused otherwise, with an error naming the
-module and what was expected, the model left untouched."""
+through it on StarCoder2, StableLM, OLMo, Llama 4 text, EXAONE 4, Nemotron, HunYuan dense, Ministral,
+Falcon-H1 and ERNIE), and refused otherwise, with an error naming the module and what was expected,
+the model left untouched."""
 import copy
 import logging
 
@@ -54,6 +55,9 @@ REFUSED = {
         lambda: tf.M2M100ForConditionalGeneration(tf.M2M100Config(**BART)),
         r"found attention modules in 3 stacks \(model\.decoder\.layers\.\*\.encoder_attn, "
         r"model\.decoder\.layers\.\*\.self_attn, model\.encoder\.layers\.\*\.self_attn\)"),
+    "a head_dim per layer (Gemma 4)": (
+        lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**DECODER)),
+        r"its config gives no single head_dim"),
     "shapes that contradict the config": (
         _head_dim_disagrees,
         r"'model\.layers\.0\.self_attn\.q_proj' \(the q projection of layer 0\) has 32 output features; "

@@ -11,7 +11,7 @@ from .base import (
 from .bert import BertAdapter, DistilBertAdapter
 from .clip import CLIPAdapter, CLIPTextAdapter, CLIPVisionAdapter
 from .decoders import (
-    GemmaAdapter, GPTJAdapter, LlamaLikeAdapter, MoEAdapter, OLMo2Adapter, OPTAdapter, Phi3Adapter, PhiAdapter,
+    GemmaAdapter, GptOssAdapter, GPTJAdapter, LlamaLikeAdapter, MoEAdapter, OLMo2Adapter, OPTAdapter, Phi3Adapter, PhiAdapter,
 )
 from .encoders import (
     AlbertAdapter, BigBirdAdapter, DebertaV2Adapter, ModernBertAdapter, MPNetAdapter,
@@ -25,7 +25,7 @@ from .vit import DeiTAdapter, ViTAdapter
 
 ADAPTERS: tuple[ArchitectureAdapter, ...] = (
     BertAdapter(), DistilBertAdapter(), GPT2Adapter(), LlamaAdapter(),
-    GemmaAdapter(), MoEAdapter(), OLMo2Adapter(), LlamaLikeAdapter(), PhiAdapter(), Phi3Adapter(), GPTNeoXAdapter(),
+    GemmaAdapter(), MoEAdapter(), GptOssAdapter(), OLMo2Adapter(), LlamaLikeAdapter(), PhiAdapter(), Phi3Adapter(), GPTNeoXAdapter(),
     OPTAdapter(), GPTJAdapter(),
     DebertaV2Adapter(), ModernBertAdapter(), MPNetAdapter(), BigBirdAdapter(), AlbertAdapter(),
     T5Adapter(), BartAdapter(),

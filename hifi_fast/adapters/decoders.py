@@ -27,13 +27,14 @@ class MoEAdapter(LlamaAdapter):
 
 
 class OLMo2Adapter(LlamaAdapter):
-    """OLMo 2. Its ``q_norm``/``k_norm`` are RMS norms over *all* heads' queries (keys) together, not
-    per head: a selected head's Q/K rows also change, by one scalar per token, the scale of every
-    other head's query (key). The trainable parameters are exactly the selected heads' slices, as
-    everywhere; what a head's slices touch is a little wider than in Llama."""
+    """OLMo 2 and OLMo 3 (OLMo 2's attention, with sliding-window layers). Their ``q_norm``/``k_norm``
+    are RMS norms over *all* heads' queries (keys) together, not per head: a selected head's Q/K rows
+    also change, by one scalar per token, the scale of every other head's query (key). The trainable
+    parameters are exactly the selected heads' slices, as everywhere; what a head's slices touch is a
+    little wider than in Llama."""
 
     family = "olmo2"
-    model_types = ("olmo2",)
+    model_types = ("olmo2", "olmo3")
     qk_norm_spans_heads = True
 
 
@@ -43,6 +44,15 @@ class LlamaLikeAdapter(LlamaAdapter):
 
     family = "llama_like"
     model_types = ("granite", "smollm3", "glm4")
+
+
+class GptOssAdapter(LlamaAdapter):
+    """gpt-oss: biased ``q_proj``/``k_proj``/``v_proj``/``o_proj``, grouped-query heads, sliding and
+    full layers. Each head's learned attention sink (``self_attn.sinks``, one logit per head) acts on
+    that head alone and stays frozen; so do the experts."""
+
+    family = "gpt_oss"
+    model_types = ("gpt_oss",)
 
 
 class PhiAdapter(LlamaAdapter):

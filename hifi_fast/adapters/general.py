@@ -56,7 +56,10 @@ class GeneralAdapter(ArchitectureAdapter):
 
     def head_dim(self, model: nn.Module) -> int:
         config = model.config
-        head_dim = getattr(config, "head_dim", None)
+        try:
+            head_dim = getattr(config, "head_dim", None)
+        except Exception as err:  # e.g. a per-layer head_dim that the config refuses to give globally
+            raise UnsupportedModelError(f"its config gives no single head_dim ({err})") from None
         if head_dim:
             return head_dim
         hidden = getattr(config, "hidden_size", None)
