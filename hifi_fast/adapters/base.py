@@ -194,11 +194,10 @@ class ArchitectureAdapter:
         """The model's attention layers, in order."""
         return self.find_layers(model, self.layer_pattern)
 
-    def find_layers(self, model: nn.Module, pattern: str, first_index: int = 0, mask: str = "attention_mask",
-                    **names: str) -> list[AttentionLayer]:
-        """The attention modules whose full names match ``pattern`` (group 1: their index), in index
-        order and numbered from ``first_index``, with this adapter's projection names (or ``names``:
-        ``q=..., k=..., v=..., o=...``) relative to them, each checked by ``verify_layer``."""
+    def find_layers(self, model: nn.Module, pattern: str, mask: str = "attention_mask") -> list[AttentionLayer]:
+        """The attention modules whose full names match ``pattern`` (group 1: their number), in that
+        order and numbered 0, 1, ..., with this adapter's projection names relative to them, each
+        checked by ``verify_layer``; ``mask``: the batch entry masking their tokens."""
         num_heads, num_kv_heads = self.num_heads(model), self.num_kv_heads(model)
         regex = re.compile(pattern)
         found: dict[int, str] = {}
@@ -207,20 +206,19 @@ class ArchitectureAdapter:
             if match and match.end() == len(name):
                 found[int(match.group(1))] = name
         modules = dict(model.named_modules())
-        relative = {part: names.get(part, getattr(self, part)) for part in ("q", "k", "v", "qkv", "o")}
-        extra = names.get("extra_rows", self.extra_rows)
+        relative = {part: getattr(self, part) for part in ("q", "k", "v", "qkv", "o")}
         layers = []
         for offset, index in enumerate(sorted(found)):
             prefix = found[index] + "."
             projections = {part: prefix + rel for part, rel in relative.items() if rel}
-            extra_rows = tuple(prefix + rel for rel in extra if prefix + rel in modules)
+            extra_rows = tuple(prefix + rel for rel in self.extra_rows if prefix + rel in modules)  # those present
             first = modules.get(projections.get("qkv", projections.get("q")))
             if first is None:
                 raise UnsupportedModelError(f"{self.describe_name()}: {found[index]!r} has no {relative['qkv'] or relative['q']!r}")
             out_features = features(first)[1]
             fused = "qkv" in projections
             head_dim = out_features // (num_heads + (2 * num_kv_heads if fused else 0))
-            layer = AttentionLayer(first_index + offset, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            layer = AttentionLayer(offset, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
                                    qkv_layout=self.layout(model) if fused else STACKED, extra_rows=extra_rows, mask=mask,
                                    **projections)
             verify_layer(layer, modules, self.describe_name())
