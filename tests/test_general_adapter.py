@@ -8,11 +8,10 @@ import logging
 
 import pytest
 import torch
-import transformers as tf
 from torch import nn
 
 import hifi_fast
-from families import BART, DECODER, ENCODER, SEQ_CLS, build
+from families import BART, DECODER, ENCODER, SEQ_CLS, build, tf
 from hifi_fast.adapters import GENERAL, get_adapter
 
 
