@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .adapters import AttentionLayer, attention_layers, get_adapter
+from .adapters import DECODER_MASK, AttentionLayer, attention_layers, get_adapter
 from .sparse_head_linear import ROWS
 
 IGNORE_INDEX = -100
@@ -236,12 +236,22 @@ def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     return logits
 
 
+def refuse_encoder_decoders(model: nn.Module, layers: list[AttentionLayer]) -> None:
+    """Task scores take one loss over one token stream; an encoder-decoder's decoder layers read
+    another (``DECODER_MASK``): refused, with what to use instead."""
+    if any(layer.mask == DECODER_MASK for layer in layers):
+        raise ValueError(f"importance and gradient scores are not implemented for encoder-decoder models "
+                         f"({type(model).__name__}); score them with score='pagerank' (statistics only) or select "
+                         "score='random'")
+
+
 def head_gate_gradients(model: nn.Module, batch: Mapping) -> torch.Tensor:
     """``[B, L, H]`` signed ``dL(x_b)/d xi[b, h]`` of one batch (labels as ``batch_labels`` takes them),
     computed as the scoring pass computes them. For analysis and tests; the model runs as it is."""
     from .scoring import scoring_stream  # scoring imports this module
 
     layers = attention_layers(model)
+    refuse_encoder_decoders(model, layers)
     causal_lm = not task_head_names(model)
     device = next(model.parameters()).device
     inputs, labels = next(scoring_stream([batch], device, 1 << 62, get_adapter(model).input_key, True, causal_lm))

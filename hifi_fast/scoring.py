@@ -15,8 +15,8 @@ from .adapters import DECODER_MASK, attention_layers, get_adapter
 from .backends import ops_for
 from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
 from .importance import (
-    TaskGradients, batch_labels, gated, logits_of, only_trainable, per_example_loss, task_head_names,
-    task_head_restorer, warm_up_task_head,
+    TaskGradients, batch_labels, gated, logits_of, only_trainable, per_example_loss, refuse_encoder_decoders,
+    task_head_names, task_head_restorer, warm_up_task_head,
 )
 from .ops import cka_from_cross, entropy_from_grams
 from .modules import HeadSliceMixin, head_param_cost
@@ -228,10 +228,8 @@ def score_heads(
                          "first (hifi_fast.unpatch)")
     task_aware = importance or gradient
     decoder = model if any(layer.mask == DECODER_MASK for layer in layers) else None  # encoder-decoders
-    if task_aware and decoder is not None:
-        raise ValueError(f"score_heads: importance and gradient scores are not implemented for encoder-decoder models "
-                         f"({type(model).__name__}); score them with score='pagerank' (statistics only) or select "
-                         "score='random'")
+    if task_aware:
+        refuse_encoder_decoders(model, layers)
     acc = _Accumulator(len(layers), num_heads, device, importance, gradient, [layer.mask for layer in layers],
                        adapter.pads_inputs)
     causal_lm = task_aware and not task_head_names(model)

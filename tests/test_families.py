@@ -280,3 +280,10 @@ def test_big_bird_block_sparse_scores_the_tokens_it_pads_as_padding_and_trains()
     optimizer.step()
     trained = _logits(patched, model_inputs(patched, data, "seq_cls"))
     assert torch.equal(_logits(hifi_fast.unpatch(patched), model_inputs(model, data, "seq_cls")), trained)
+
+
+def test_head_gate_gradients_refuse_encoder_decoders():
+    from hifi_fast.importance import head_gate_gradients
+
+    with pytest.raises(ValueError, match="importance and gradient scores are not implemented for encoder-decoder"):
+        head_gate_gradients(build("bart", SEQ2SEQ), sample("bart", SEQ2SEQ))
