@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import hifi_fast
-from hifi_fast.baselines import apply_lora
+from hifi_fast.cli.baselines import apply_lora
 
 METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
 FIELDS = ["cell", "method", "mode", "step_ms_p50", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_gib",
@@ -129,7 +129,7 @@ def apply(method: str, base: torch.nn.Module, kind: str) -> Applied:
         from peft import LoraConfig, TaskType, get_peft_model
 
         if kind == "causal-lm":
-            from hifi_fast.baselines import lora_targets
+            from hifi_fast.cli.baselines import lora_targets
 
             config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
                                 target_modules=lora_targets(base, method.split("-")[1]))

@@ -30,7 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hifi_fast
-from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
+from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
 
 METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
 SHAPES = ("llama", "bert")
@@ -111,7 +111,7 @@ def leaf_ops(fn) -> dict[str, int]:
 
 
 def trained_projections(model: torch.nn.Module) -> int:
-    return sum(isinstance(m, hifi_fast.modules.HeadSliceMixin) for m in model.modules())
+    return sum(isinstance(m, hifi_fast.tuning.modules.HeadSliceMixin) for m in model.modules())
 
 
 def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool) -> dict:

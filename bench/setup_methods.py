@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hifi_fast
-from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
+from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
 
 MODELS = ("minilm", "bert-base", "llama-1b", "tiny-bert", "tiny-llama")
 

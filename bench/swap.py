@@ -32,8 +32,8 @@ import torch
 
 import hifi_fast
 from hifi_fast.adapters import attention_layers, get_adapter
-from hifi_fast.baselines import lora_targets
-from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from hifi_fast.cli.baselines import lora_targets
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
 from .setup_methods import build_model, make_batch
 

@@ -22,8 +22,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer  # no
 
 import hifi_fast  # noqa: E402
 from hifi_fast.config import DEFAULT_SCORE, SCORES  # noqa: E402
-from hifi_fast.data import encode, iter_batches, load_data  # noqa: E402
-from hifi_fast.train import evaluate, train_model  # noqa: E402
+from hifi_fast.cli.data import encode, iter_batches, load_data  # noqa: E402
+from hifi_fast.cli.train import evaluate, train_model  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("selected heads:", model.hifi_state.selection.heads)  # what patch did is kept on the model
     hifi_fast.print_trainable_parameters(model)
 
-    # Any loop works; this one is AdamW with linear warmup/decay (hifi_fast.train.train_model).
+    # Any loop works; this one is AdamW with linear warmup/decay (hifi_fast.cli.train.train_model).
     train_model(model, train, epochs=args.epochs, lr=args.lr, batch_size=32)
     metrics = evaluate(model, held, num_labels, splits.label_names)
     print(f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "

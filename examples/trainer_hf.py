@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments  # noqa: E402
 
 import hifi_fast  # noqa: E402
-from hifi_fast.data import collate, encode, load_data  # noqa: E402
+from hifi_fast.cli.data import collate, encode, load_data  # noqa: E402
 
 
 class Examples(torch.utils.data.Dataset):

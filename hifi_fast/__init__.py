@@ -4,22 +4,26 @@
 >>> model = hifi_fast.patch(model)  # 2 random heads per layer (the default), no scoring pass
 >>> # or HiFi's PageRank selection, scored on batches (dicts of input_ids/attention_mask):
 >>> model = hifi_fast.patch(model, hifi_fast.HiFiConfig(score="pagerank"), batches)
-"""
-from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, describe
-from .checkpoint import CheckpointMismatchError, load, save
-from .config import HiFiConfig
-from .guard import NonFiniteGuard, NonFiniteStepError
-from .patching import count_parameters, is_patched, patch, print_trainable_parameters, unpatch
-from .scores import HeadScores
-from .scoring import score_heads
-from .selection import HeadSelection, select_heads
-from .swap import swap
 
-__version__ = "0.1.0"
+The package's stages (``docs/ARCHITECTURE.md``): ``selecting`` (scores -> which heads),
+``tuning`` (those heads' slices trainable, the per-step hot path), ``storing`` (checkpoints, task
+switching, training state) and ``cli``; ``api.patch`` joins selecting and tuning.
+"""
+from ._version import __version__
+from .adapters import SUPPORTED_MODEL_TYPES, UnsupportedModelError, describe
+from .api import patch
+from .config import HiFiConfig
+from .heads import HeadScores, HeadSelection
+from .selecting.scoring import score_heads
+from .selecting.selection import select_heads
+from .storing.checkpoint import CheckpointMismatchError, load, save
+from .storing.swap import swap
+from .tuning.guard import NonFiniteGuard, NonFiniteStepError
+from .tuning.patching import count_parameters, is_patched, print_trainable_parameters, unpatch
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "CheckpointMismatchError", "HeadScores", "HeadSelection", "HiFiConfig", "NonFiniteGuard",
-    "NonFiniteStepError", "UnsupportedModelError",
+    "NonFiniteStepError", "UnsupportedModelError", "__version__",
     "count_parameters", "describe", "is_patched", "load", "patch", "print_trainable_parameters", "save",
     "score_heads", "select_heads", "swap", "unpatch",
 ]

@@ -140,8 +140,8 @@ def trained_model(family: str, selection: dict, seed: int = 0):
 
 def random_scores(num_layers: int = 4, num_heads: int = 5, seed: int = 0, params_per_head: int = 100):
     """``HeadScores`` of a random symmetric correlation graph and random richness."""
-    from hifi_fast.pagerank import pagerank
-    from hifi_fast.scores import HeadScores
+    from hifi_fast.selecting.pagerank import pagerank
+    from hifi_fast.heads import HeadScores
 
     g = torch.Generator().manual_seed(seed)
     a = torch.rand(num_layers, num_heads, num_heads, generator=g, dtype=torch.float64)

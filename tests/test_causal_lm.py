@@ -27,8 +27,8 @@ from transformers import (
 
 import hifi_fast
 from hifi_fast import cli
-from hifi_fast.data import IGNORE_INDEX
-from hifi_fast.lm_data import encode_lm
+from hifi_fast.cli.data import IGNORE_INDEX
+from hifi_fast.cli.lm_data import encode_lm
 
 WORDS = [f"w{i}" for i in range(40)]
 SPECIAL = ["[PAD]", "[UNK]", "<s>", "</s>"]
@@ -121,7 +121,7 @@ def test_training_lowers_the_loss_and_changes_only_the_selected_slices(family):
     losses = _train(model)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2, losses  # nats, from ln(44) = 3.78 at random
     changed = _changed_rows_and_cols(before, model.state_dict())
-    d, slices = 8, hifi_fast.patching.plan_slices(model, hifi_fast.HeadSelection(SELECTION))
+    d, slices = 8, hifi_fast.tuning.patching.plan_slices(model, hifi_fast.HeadSelection(SELECTION))
     allowed = {}
     for spec in slices:
         features = {b + i for b in spec.blocks for i in range(d)}
@@ -182,7 +182,7 @@ def test_hf_trainer_with_lm_collator_gradient_checkpointing_and_bf16(tmp_path):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < losses[0], losses
     changed = {name.rsplit(".", 1)[0] for name in _changed_rows_and_cols(before, model.state_dict())}
-    assert changed and changed <= {s.module_name for s in hifi_fast.patching.plan_slices(model, model.hifi_state.selection)}
+    assert changed and changed <= {s.module_name for s in hifi_fast.tuning.patching.plan_slices(model, model.hifi_state.selection)}
     with torch.no_grad():
         assert model.eval().generate(counting(1, length=4), max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
 
@@ -200,7 +200,7 @@ def test_trl_sft_trainer(tmp_path):
                              processing_class=tok)
     trainer.train()
     changed = {name.rsplit(".", 1)[0] for name in _changed_rows_and_cols(before, model.state_dict())}
-    assert changed and changed <= {s.module_name for s in hifi_fast.patching.plan_slices(model, model.hifi_state.selection)}
+    assert changed and changed <= {s.module_name for s in hifi_fast.tuning.patching.plan_slices(model, model.hifi_state.selection)}
 
 
 def test_prompt_takes_no_loss_and_padding_neither():
@@ -208,7 +208,7 @@ def test_prompt_takes_no_loss_and_padding_neither():
     data = encode_lm(tok, ["w3 w4 w5", "w9"], ["w1 w2", "w7 w8"], max_length=16)
     assert data.input_ids[0][:2] == tok("w1 w2")["input_ids"]
     assert data.token_labels[0] == [IGNORE_INDEX, IGNORE_INDEX] + tok("w3 w4 w5")["input_ids"] + [tok.eos_token_id]
-    from hifi_fast.data import collate
+    from hifi_fast.cli.data import collate
 
     batch = collate(data, [0, 1])
     assert batch["labels"][1].tolist() == [IGNORE_INDEX] * 2 + tok("w9")["input_ids"] + [tok.eos_token_id] + [IGNORE_INDEX] * 2

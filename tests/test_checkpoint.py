@@ -7,7 +7,7 @@ import os
 import torch
 
 import hifi_fast
-from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from conftest import tiny_batch, tiny_model, trained_model
 
 SELECTION = {"bert": {0: [1], 2: [0, 3]}, "gpt2": {1: [0, 2]}, "llama": {0: [1, 2], 2: [5]}}

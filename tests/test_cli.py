@@ -14,8 +14,8 @@ import hifi_fast  # noqa: E402
 from hifi_fast import cli  # noqa: E402
 from hifi_fast.cli.compare import argv_for  # noqa: E402
 from hifi_fast.cli.parse import normalise_argv  # noqa: E402
-from hifi_fast.data import encode, load_data  # noqa: E402
-from hifi_fast.train import evaluate  # noqa: E402
+from hifi_fast.cli.data import encode, load_data  # noqa: E402
+from hifi_fast.cli.train import evaluate  # noqa: E402
 from conftest import random_scores  # noqa: E402
 
 POSITIVE = ["good", "great", "love", "happy", "nice", "wonderful"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.checkpoint import CheckpointMismatchError
+from hifi_fast.storing.checkpoint import CheckpointMismatchError
 
 from conftest import tiny_batch, tiny_model, trained_model
 

@@ -585,7 +585,7 @@ def test_gpu_runs_on_the_tensors_device():
 @gpu
 @pytest.mark.parametrize("sliced", ["rows", "cols"])
 def test_gpu_forced_backend_trains_the_slices(fresh_backends, sliced):
-    from hifi_fast.sparse_head_linear import SliceIndex, SlicePlan, sparse_head_linear
+    from hifi_fast.tuning.sparse_head_linear import SliceIndex, SlicePlan, sparse_head_linear
 
     torch.manual_seed(0)
     x = torch.randn(3, 17, 64, device=DEVICE)

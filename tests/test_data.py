@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hifi_fast.data import (
+from hifi_fast.cli.data import (
     DataError,
     Encoded,
     collate,
@@ -19,7 +19,7 @@ from hifi_fast.data import (
     stratified_subsample,
     to_dataset,
 )
-from hifi_fast.train import classification_metrics, linear_schedule_with_warmup
+from hifi_fast.cli.train import classification_metrics, linear_schedule_with_warmup
 
 
 def write(path, text):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError
 from conftest import random_scores, tiny_batch, tiny_model, trained_model
 
 SELECTION = {0: [1], 2: [0, 3]}
@@ -220,7 +220,7 @@ def test_save_and_load_refuse_the_wrong_model_state(checkpoint):
 
 
 def test_interrupted_save_leaves_the_existing_checkpoint_intact(checkpoint, monkeypatch):
-    import hifi_fast.checkpoint as ckpt
+    import hifi_fast.storing.checkpoint as ckpt
 
     def broken_atomic_write(path, write):
         def half_then_full_disk(tmp):

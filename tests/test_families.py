@@ -19,7 +19,7 @@ import torch
 import hifi_fast
 from families import CASES, GENERATES, SEQ2SEQ, FAMILIES, build, model_inputs, o_proj_names, sample
 from hifi_fast.adapters import attention_layers, get_adapter
-from hifi_fast.patching import plan_slices
+from hifi_fast.tuning.patching import plan_slices
 from reference import examples_reference, slice_masks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -130,7 +130,7 @@ def test_gradient_score_is_each_heads_slice_gradient_and_importance_runs(case):
     runs on every layout (its values are checked against references in test_importance.py)."""
     if any(layer.mask != "attention_mask" for layer in attention_layers(build(*case))):
         pytest.skip("encoder-decoders refuse task scores (test_encoder_decoder_scoring_...)")
-    from hifi_fast.importance import per_example_loss
+    from hifi_fast.selecting.importance import per_example_loss
 
     model = build(*case)
     data = sample(*case, seed=3)
@@ -283,7 +283,7 @@ def test_big_bird_block_sparse_scores_the_tokens_it_pads_as_padding_and_trains()
 
 
 def test_head_gate_gradients_refuse_encoder_decoders():
-    from hifi_fast.importance import head_gate_gradients
+    from hifi_fast.selecting.importance import head_gate_gradients
 
     with pytest.raises(ValueError, match="importance and gradient scores are not implemented for encoder-decoder"):
         head_gate_gradients(build("bart", SEQ2SEQ), sample("bart", SEQ2SEQ))

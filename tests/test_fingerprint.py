@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hifi_fast
-import hifi_fast.patching as patching
-from hifi_fast.checkpoint import CONFIG_NAME, CheckpointMismatchError
+import hifi_fast.tuning.patching as patching
+from hifi_fast.storing.checkpoint import CONFIG_NAME, CheckpointMismatchError
 
 from conftest import tiny_model, trained_model
 

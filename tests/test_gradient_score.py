@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.scores import HeadScores
+from hifi_fast.heads import HeadScores
 from conftest import tiny_batch, tiny_model
 from reference import O_PROJ, geometry
 from test_importance import _batches, tiny_lm

@@ -12,10 +12,10 @@ import torch.multiprocessing as mp
 from transformers import BertModel, LlamaConfig, LlamaForCausalLM
 
 import hifi_fast
-from hifi_fast import importance as imp
-from hifi_fast.importance import head_gate_gradients
-from hifi_fast.scores import HeadScores
-from hifi_fast.scoring import score_for_config
+from hifi_fast.selecting import importance as imp
+from hifi_fast.selecting.importance import head_gate_gradients
+from hifi_fast.heads import HeadScores
+from hifi_fast.selecting.scoring import score_for_config
 from conftest import VOCAB, tiny_batch, tiny_model
 from reference import O_PROJ, geometry
 
@@ -220,7 +220,7 @@ def test_warmed_head_restored_when_not_kept():
 def test_warmup_replaying_the_backbone_equals_running_it(family, monkeypatch):
     """The warm-up runs the backbone once and replays its outputs; running the whole model every
     step gives the same head."""
-    stream = list(hifi_fast.scoring.scoring_stream(_batches(), torch.device("cpu"), 256, "input_ids", True, False))
+    stream = list(hifi_fast.selecting.scoring.scoring_stream(_batches(), torch.device("cpu"), 256, "input_ids", True, False))
     replayed, run = tiny_model(family), tiny_model(family)
     imp.warm_up_task_head(replayed, stream, steps=20, lr=1e-2)
     monkeypatch.setattr(imp, "_backbone", lambda model: None)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.data import Encoded
-from hifi_fast.train import train_model
+from hifi_fast.cli.data import Encoded
+from hifi_fast.cli.train import train_model
 
 from conftest import tiny_batch, tiny_model
 
@@ -67,7 +67,7 @@ def test_guard_skips_a_non_finite_step_and_trains_the_next(fault, caplog):
     before = _state(model)
     loss = model(**tiny_batch()).loss
     loss.backward()
-    with caplog.at_level(logging.WARNING, logger="hifi_fast.guard"):
+    with caplog.at_level(logging.WARNING, logger="hifi_fast.tuning.guard"):
         assert guard.step(optimizer, loss, where="step 7 (batch 3)") is False
     assert _unchanged(model, before)
     assert all(p.grad is None for p in model.parameters())
@@ -109,7 +109,7 @@ def _data(n=24):
 def test_training_loop_skips_a_bad_batch_and_finishes(caplog):
     model, _ = _patched()
     _nan_loss_on_calls(model, {2})
-    with caplog.at_level(logging.WARNING, logger="hifi_fast.guard"):
+    with caplog.at_level(logging.WARNING, logger="hifi_fast.tuning.guard"):
         result = train_model(model, _data(), epochs=2, batch_size=8, lr=1e-2, progress=False)
     assert result.skipped_steps == 1 and result.steps == 6
     assert "at epoch 1, batch 3 (step 3): non-finite loss" in caplog.text

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.pagerank import pagerank
+from hifi_fast.selecting.pagerank import pagerank
 from conftest import random_scores
 from reference import pagerank_ref
 
@@ -77,7 +77,7 @@ def test_score_ablations():
 def test_damping_is_honoured():
     s = random_scores()
     cfg = hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=1, damping=0.3)
-    from hifi_fast.selection import ranking_scores
+    from hifi_fast.selecting.selection import ranking_scores
 
     torch.testing.assert_close(ranking_scores(s, cfg), pagerank(s.correlation, s.richness, 0.3))
 
@@ -108,7 +108,7 @@ def test_selection_json_round_trip():
 def test_random_heads_need_no_scores(config):
     """select_random_heads (no scoring pass) picks what select_heads picks for score='random' from
     any scores of the same geometry, and holds no scores."""
-    from hifi_fast.selection import select_random_heads
+    from hifi_fast.selecting.selection import select_random_heads
 
     cfg = hifi_fast.HiFiConfig(score="random", **config)
     expected = [hifi_fast.select_heads(random_scores(num_layers=4, num_heads=5, seed=s), cfg) for s in (0, 1)]
@@ -124,7 +124,7 @@ def test_patch_with_random_config_runs_no_scoring_pass(family, monkeypatch):
 
     cfg = hifi_fast.HiFiConfig(heads_per_layer=2, score="random", seed=5)
     with_batches = hifi_fast.patch(tiny_model(family), cfg, batches=[tiny_batch()]).hifi_state.selection
-    monkeypatch.setattr("hifi_fast.scoring.score_for_config", lambda *a, **k: pytest.fail("scored"))
+    monkeypatch.setattr("hifi_fast.selecting.scoring.score_for_config", lambda *a, **k: pytest.fail("scored"))
     model = hifi_fast.patch(tiny_model(family), cfg)  # no batches
     assert model.hifi_state.selection == with_batches and model.hifi_state.selection.scores is None
     model(**tiny_batch()).logits.sum().backward()

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 import hifi_fast
-from hifi_fast.pagerank import pagerank
-from hifi_fast.scores import HeadScores
+from hifi_fast.selecting.pagerank import pagerank
+from hifi_fast.heads import HeadScores
 
 R01, R02, R12 = 0.5, 0.2, 0.1
 CORRELATION = torch.tensor([[1.0, R01, R02], [R01, 1.0, R12], [R02, R12, 1.0]], dtype=torch.float64)

@@ -5,8 +5,8 @@ from hypothesis import strategies as st
 
 import hifi_fast
 from hifi_fast import ops
-from hifi_fast.pagerank import pagerank
-from hifi_fast.scores import HeadScores
+from hifi_fast.selecting.pagerank import pagerank
+from hifi_fast.heads import HeadScores
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

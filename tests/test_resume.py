@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from hifi_fast import cli
-from hifi_fast.training_state import STATE_NAME
+from hifi_fast.storing.training_state import STATE_NAME
 
 from test_cli import finetune_argv, tiny_csv, tiny_model_dir  # noqa: F401 - fixtures
 
@@ -23,7 +23,9 @@ TESTS = Path(__file__).resolve().parent
 # written, not yet renamed; the state of the save before must survive).
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from hifi_fast import cli, guard, training_state
+    from hifi_fast import cli
+    from hifi_fast.storing import training_state
+    from hifi_fast.tuning import guard
 
     what, n = sys.argv[2].split()
     calls = []

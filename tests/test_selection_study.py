@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 from test_cli import NEGATIVE, NEUTRAL, POSITIVE, tiny_model_dir  # noqa: E402,F401  (fixture)
 
-from bench import selection_study as study_module  # noqa: E402
+from bench.selection_study import plan, report  # noqa: E402
 from bench.selection_study import SelectionStudy, Task, TaskData, t_interval  # noqa: E402
 
 CLASSES = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}
@@ -77,7 +77,7 @@ def test_study_runs_resumes_and_reports(tmp_path, tiny_model_dir, monkeypatch): 
     vals = [r for r in records if r["split"] == "val"]
     assert {r["method"] for r in vals} == {"hifi-random", "frozen"}  # the other variants take random's rate
     assert {r["epochs"] for r in records} == {3}  # 8 examples / batch 8 = 1 step an epoch; 3 steps asked
-    rate = study.chosen_lr("tiny", 8, study_module.BY_NAME["hifi-random"], tune=False)
+    rate = study.chosen_lr("tiny", 8, plan.BY_NAME["hifi-random"], tune=False)
     assert {r["lr"] for r in evals if r["method"].startswith("hifi-")} == {rate}
     for r in evals:  # a copied run trained exactly the heads of the run it copies
         if r.get("same_as"):
@@ -112,11 +112,11 @@ def test_a_variant_with_its_own_grid_is_tuned_and_trained_on_its_own(tmp_path, t
     study.execute(["tiny"], [8], [0], ["hifi-random", name])
     for tuned in ("hifi-random", name):  # each on its own grid (an edge may extend it)
         tried = {r["lr"] for r in study.records.values() if (r["method"], r["split"]) == (tuned, "val")}
-        assert tried >= set(study_module.HIFI_GRID)
-    own = study.chosen_lr("tiny", 8, study_module.BY_NAME[name], tune=False)
-    control = study.chosen_lr("tiny", 8, study_module.BY_NAME["hifi-random"], tune=False)
+        assert tried >= set(plan.HIFI_GRID)
+    own = study.chosen_lr("tiny", 8, plan.BY_NAME[name], tune=False)
+    control = study.chosen_lr("tiny", 8, plan.BY_NAME["hifi-random"], tune=False)
     run = study.records[study.key("tiny", 8, "eval", name, own, 0)]
-    per_layer = study_module.HIFI_VARIANTS[variant].heads_per_layer
+    per_layer = plan.HIFI_VARIANTS[variant].heads_per_layer
     assert {len(heads) for heads in run["selected_heads"].values()} == {per_layer}
     report = (tmp_path / "docs" / "selection_study.md").read_text()
     assert f"{'the same as' if own == control else 'not'} hifi-random's ({control:g})" in report
@@ -125,17 +125,17 @@ def test_a_variant_with_its_own_grid_is_tuned_and_trained_on_its_own(tmp_path, t
 
 def test_same_options_rate_and_seed_copy_the_run(tmp_path, tiny_model_dir, monkeypatch):  # noqa: F811
     study = make_study(tmp_path, tiny_model_dir)
-    done = study.run("tiny", 8, "eval", study_module.BY_NAME["hifi-importance"], 1e-3, 0)
+    done = study.run("tiny", 8, "eval", plan.BY_NAME["hifi-importance"], 1e-3, 0)
 
     def no_run(*_, **__):
         raise AssertionError("the same computation was run again")
 
     monkeypatch.setattr("hifi_fast.cli.classify.run_finetune", no_run)
-    copied = study.run("tiny", 8, "eval", study_module.BY_NAME["hifi-importance-own-rate"], 1e-3, 0)
+    copied = study.run("tiny", 8, "eval", plan.BY_NAME["hifi-importance-own-rate"], 1e-3, 0)
     assert copied["same_as"] == "hifi-importance" and copied["method"] == "hifi-importance-own-rate"
     assert (copied["accuracy"], copied["selected_heads"]) == (done["accuracy"], done["selected_heads"])
 
 
 def test_head_overlaps_compare_variants_with_pageranks_head_count():
-    assert study_module._same_head_count("hifi-pagerank") and study_module._same_head_count("hifi-importance-initial")
-    assert not study_module._same_head_count("hifi-random-k1") and not study_module._same_head_count("lora-r8")
+    assert report._same_head_count("hifi-pagerank") and report._same_head_count("hifi-importance-initial")
+    assert not report._same_head_count("hifi-random-k1") and not report._same_head_count("lora-r8")

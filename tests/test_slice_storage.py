@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import hifi_fast
 from conftest import tiny_batch, tiny_model
-from hifi_fast.modules import HeadSliceMixin
+from hifi_fast.tuning.modules import HeadSliceMixin
 
 SELECTIONS = {
     "bert": {0: [1], 1: [1, 2], 2: [0, 3]},  # one head, adjacent heads, separated heads
@@ -127,7 +127,7 @@ def test_no_slice_write_in_forward_or_backward_and_one_batched_write_per_step():
 
 
 def test_unpatch_forgets_the_module():
-    from hifi_fast.modules import _compact_modules
+    from hifi_fast.tuning.modules import _compact_modules
 
     model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection(SELECTIONS["bert"]))
     compact = [m for m in _modules(model).values() if m.hifi_plan.view is None]

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hifi_fast
-from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, _trainable_tensors, expected_tensors
-from hifi_fast.swap import SWAP_ATTR, SwapStateError
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, _trainable_tensors, expected_tensors
+from hifi_fast.storing.swap import SWAP_ATTR, SwapStateError
 from conftest import tiny_batch, tiny_model, trained_model
 from test_errors import unchanged as unchanged_model
 

@@ -44,7 +44,7 @@ def train(family: str, master: bool) -> dict[str, torch.Tensor]:
         optimizer.zero_grad()
         model(**tiny_batch(seed=step)).loss.backward()
         optimizer.step()
-    from hifi_fast.checkpoint import _trainable_tensors
+    from hifi_fast.storing.checkpoint import _trainable_tensors
 
     return _trainable_tensors(model)
 

@@ -31,7 +31,7 @@ from transformers import (
 
 import hifi_fast
 from hifi_fast.adapters import ViTAdapter, get_adapter
-from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from conftest import VOCAB, tiny_batch
 from reference import examples_reference
 from test_errors import unchanged

@@ -6,7 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from .base import (
-    GROUPED, STACKED, ArchitectureAdapter, AttentionLayer, ProjectionSlice, UnsupportedModelError, features,
+    COLS, GROUPED, ROWS, STACKED, ArchitectureAdapter, AttentionLayer, ProjectionSlice, UnsupportedModelError, features,
+    slice_dim,
 )
 from .bert import BertAdapter, DistilBertAdapter
 from .clip import CLIPAdapter, CLIPTextAdapter, CLIPVisionAdapter
@@ -108,6 +109,6 @@ def describe(model: nn.Module) -> str:
 
 
 __all__ = [
-    "ADAPTERS", "DECODER_MASK", "GENERAL", "GROUPED", "STACKED", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter", "AttentionLayer",
-    "ProjectionSlice", "UnsupportedModelError", "attention_layers", "describe", "get_adapter",
+    "ADAPTERS", "COLS", "DECODER_MASK", "GENERAL", "GROUPED", "ROWS", "STACKED", "SUPPORTED_MODEL_TYPES", "ArchitectureAdapter",
+    "AttentionLayer", "ProjectionSlice", "UnsupportedModelError", "attention_layers", "describe", "get_adapter", "slice_dim",
 ]

@@ -7,13 +7,20 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..sparse_head_linear import COLS, ROWS
-
 # Layouts of a fused Q/K/V projection's output features (``AttentionLayer.qkv_layout``).
 STACKED = "stacked"  # [Q | K | V]: all query heads, then all key heads, then all value heads (GPT-2, Phi-3, ModernBERT)
 GROUPED = "grouped"  # per KV group g: [g's query heads | k_g | v_g] (GPT-NeoX: one head per group, [q_h k_h v_h])
 QKV_LAYOUTS = (STACKED, GROUPED)
-PROJECTION_TYPES = (nn.Linear, Conv1D)  # exactly these classes: hifi_fast.modules converts them in place
+PROJECTION_TYPES = (nn.Linear, Conv1D)  # exactly these classes: hifi_fast.tuning.modules converts them in place
+
+
+ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
+COLS = "cols"  # head blocks are input features (the output projection)
+
+
+def slice_dim(sliced: str) -> int:
+    """The dimension of the ``[d_out, d_in]`` weight that the head slices index."""
+    return 0 if sliced == ROWS else 1
 
 
 class UnsupportedModelError(ValueError):
@@ -123,7 +130,7 @@ def verify_layer(layer: AttentionLayer, modules: dict[str, nn.Module], what: str
         module = modules.get(name)
         if module is None:
             raise UnsupportedModelError(f"{what}layer {layer.index} has no module {name!r} (its {role} projection)")
-        patched = hasattr(module, "hifi_plan") and isinstance(module, PROJECTION_TYPES)  # hifi_fast.modules' classes
+        patched = hasattr(module, "hifi_plan") and isinstance(module, PROJECTION_TYPES)  # hifi_fast.tuning.modules' classes
         if type(module) not in PROJECTION_TYPES and not patched:
             raise UnsupportedModelError(
                 f"{what}{name!r} (the {role} projection of layer {layer.index}) is a {type(module).__name__}; "

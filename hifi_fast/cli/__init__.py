@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hifi-fast`` / ``python -m hifi_fast``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
-    from hifi_fast.data import DataError
+    from hifi_fast.cli.data import DataError
 
     try:
         if args.command == "finetune":

@@ -26,7 +26,7 @@ def load_causal_lm(path: str):
 
 def _texts(args):
     """``(train, eval)`` Encoded-ready ``(texts, prompts)`` pairs and a description."""
-    from hifi_fast.lm_data import read_text_file, split_texts
+    from hifi_fast.cli.lm_data import read_text_file, split_texts
 
     if args.train is None:
         raise CLIError("--task causal-lm needs --train FILE (CSV with a header row, or JSONL) with a "
@@ -53,8 +53,8 @@ def run_finetune_causal_lm(args) -> dict:
     loss and perplexity before and after, and save the run."""
     import torch
 
-    from hifi_fast.lm_data import encode_lm
-    from hifi_fast.train import evaluate_causal_lm, process_peak_rss_mb, set_seed, train_model
+    from hifi_fast.cli.lm_data import encode_lm
+    from hifi_fast.cli.train import evaluate_causal_lm, process_peak_rss_mb, set_seed, train_model
 
     args.resume = getattr(args, "resume", None)
     if args.method != "hifi":
@@ -129,7 +129,7 @@ def load_lm_run(checkpoint: str, model_path: str | None = None):
     """``(model, tokenizer)`` of a ``finetune --task causal-lm`` run: the base decoder with the run's
     slices written into its weights (``unpatch``: a plain model, the base model's inference cost)."""
     import hifi_fast
-    from hifi_fast.checkpoint import CONFIG_NAME, read_config
+    from hifi_fast.storing.checkpoint import CONFIG_NAME, read_config
 
     run_dir = Path(checkpoint)
     if not (run_dir / CONFIG_NAME).is_file():

@@ -14,7 +14,7 @@ from .runs import METRICS, default_output_dir, dir_size_mb, load_run, record_sta
 
 
 def load_splits(args):
-    from hifi_fast.data import load_data
+    from hifi_fast.cli.data import load_data
 
     return load_data(
         train_path=args.train, eval_path=args.eval, text_column=args.text_column,
@@ -28,8 +28,8 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     """The whole job for one method; returns the metrics written to ``metrics.json``."""
     import torch
 
-    from hifi_fast.data import encode
-    from hifi_fast.train import evaluate, process_peak_rss_mb, set_seed, train_model
+    from hifi_fast.cli.data import encode
+    from hifi_fast.cli.train import evaluate, process_peak_rss_mb, set_seed, train_model
 
     args.resume = getattr(args, "resume", None)  # compare's arguments have none
     method = method or args.method
@@ -86,7 +86,7 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
     if not args.no_save:
         checkpoint_files = save_method(model, method, run_dir, tokenizer)
     if selection is not None and selection.scores is not None:  # random heads: no scores to draw
-        from hifi_fast.plots import plot_heads
+        from hifi_fast.cli.plots import plot_heads
 
         plot_heads(selection.scores, selection.heads, run_dir / "heads.png",
                    title=f"HiFi head scores: {model_label(model_path)}, {selection.num_heads} heads selected")
@@ -133,8 +133,8 @@ def run_finetune(args, method: str | None = None, output_dir: Path | None = None
 def run_predict(args) -> list[dict]:
     import torch
 
-    from hifi_fast.data import encode
-    from hifi_fast.train import predict_logits
+    from hifi_fast.cli.data import encode
+    from hifi_fast.cli.train import predict_logits
 
     quiet_transformers(True)
     texts = list(args.text)

@@ -36,7 +36,7 @@ def argv_for(parser: argparse.ArgumentParser, args, skip: set[str]) -> list[str]
 
 
 def run_compare(args) -> list[dict]:
-    from hifi_fast.plots import plot_comparison
+    from hifi_fast.cli.plots import plot_comparison
 
     check_args(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

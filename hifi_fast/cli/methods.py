@@ -13,9 +13,9 @@ from .runs import FROZEN_WEIGHTS, RUN_CONFIG, SELECTION
 def setup_method(model, method: str, args, train_data, console: Console, progress: bool) -> dict:
     """Make ``model`` ready to train with ``method``; returns what to record (selection, timings)."""
     import hifi_fast
-    from hifi_fast.baselines import apply_lora, freeze_backbone, train_everything
-    from hifi_fast.data import iter_batches
-    from hifi_fast.scoring import select_for_config
+    from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
+    from hifi_fast.cli.data import iter_batches
+    from hifi_fast.selecting.scoring import select_for_config
 
     info: dict = {}
     if method == "hifi" and args.resume:  # the heads the interrupted run selected
@@ -57,7 +57,7 @@ def save_method(model, method: str, run_dir: Path, tokenizer) -> list[Path]:
 
     if method == "hifi":
         hifi_fast.save(model, run_dir)
-        from hifi_fast.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+        from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
         return [run_dir / CONFIG_NAME, run_dir / WEIGHTS_NAME]
     if method == "lora":

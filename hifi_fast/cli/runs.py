@@ -77,7 +77,7 @@ def record_start(run_dir: Path, run_config: dict, selection) -> None:
 def resumed_args(args) -> argparse.Namespace:
     """The settings of the interrupted run in ``args.resume``, with this call's --quiet, --threads
     and --device; refuses a directory that is no run, has no saved state, or has finished."""
-    from hifi_fast.training_state import STATE_NAME
+    from hifi_fast.storing.training_state import STATE_NAME
 
     run_dir = Path(args.resume)
     if not (run_dir / RUN_CONFIG).is_file():
@@ -96,7 +96,7 @@ def resumed_args(args) -> argparse.Namespace:
 def load_run(checkpoint: str | os.PathLike, model_path: str | None = None):
     """``(model, tokenizer, run_config)`` of a run directory written by ``finetune``."""
     import hifi_fast
-    from hifi_fast.checkpoint import CONFIG_NAME, read_config
+    from hifi_fast.storing.checkpoint import CONFIG_NAME, read_config
 
     run_dir = Path(checkpoint)
     if not run_dir.is_dir():
@@ -152,7 +152,7 @@ def label_names_of(run_config: dict, model_dir: Path | None, hifi_dir: Path | No
     if hifi_dir is not None:
         from safetensors import safe_open
 
-        from hifi_fast.checkpoint import WEIGHTS_NAME
+        from hifi_fast.storing.checkpoint import WEIGHTS_NAME
 
         with safe_open(str(hifi_dir / WEIGHTS_NAME), framework="pt") as handle:
             for key in handle.keys():

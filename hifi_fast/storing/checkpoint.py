@@ -20,15 +20,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 from torch import nn
 
-from .adapters import attention_layers, get_adapter
-from .files import atomic_write
-from .modules import whole_tensor
-from .patching import (
-    STATE_ATTR, fingerprint_version, is_patched, patch, plan_slices, resolve_modules_to_save, unpatch,
+from .._version import __version__
+from ..adapters import ROWS, attention_layers, get_adapter, slice_dim
+from ..heads import HeadSelection
+from ..tuning.modules import whole_tensor
+from ..tuning.patching import (
+    STATE_ATTR, fingerprint_version, is_patched, patch_selection, plan_slices, resolve_modules_to_save, unpatch,
     weights_fingerprint,
 )
-from .selection import HeadSelection
-from .sparse_head_linear import ROWS, slice_dim
+from .files import atomic_write
 
 CONFIG_NAME = "hifi_config.json"
 WEIGHTS_NAME = "hifi_weights.safetensors"
@@ -63,7 +63,6 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     Under FSDP call it on every rank: the shards are gathered (a collective) and every rank writes
     the same files atomically."""
-    from . import __version__
 
     state = getattr(model, STATE_ATTR, None)
     if state is None:
@@ -179,7 +178,7 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
     check_identity(model, config, check_name)
     selection = HeadSelection.from_dict(config["selection"])
     master = config.get("master_dtype")
-    patch(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
+    patch_selection(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
     expected = _trainable_tensors(model)
     try:
         tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import attention_layers, get_adapter
+from ..adapters import attention_layers, get_adapter
 
 
 def lora_targets(model: nn.Module, projections: str = "qv") -> list[str]:

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .adapters import GENERAL, ProjectionSlice, attention_layers, describe, get_adapter
-from .config import HiFiConfig
+from ..adapters import GENERAL, ProjectionSlice, attention_layers, describe, get_adapter
+from ..heads import HeadSelection
 from .modules import HeadSliceMixin, convert, whole_tensor
-from .scoring import select_for_config
-from .selection import HeadSelection
 
 STATE_ATTR = "hifi_state"
 logger = logging.getLogger(__name__)
@@ -111,44 +109,28 @@ def resolve_modules_to_save(model: nn.Module, names: list[str] | None) -> list[s
     return list(names)
 
 
-def patch(
+def patch_selection(
     model: nn.Module,
-    selection: HeadSelection | HiFiConfig | None = None,
-    batches: Iterable[dict] | None = None,
+    selection: HeadSelection,
     modules_to_save: list[str] | None = None,
     master_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """Make only the selected heads' Q/K/V/O slices and the task head trainable, in place.
-
-    ``patch(model)`` trains 2 random heads per layer (seeded, no scoring pass: ``HiFiConfig()``'s
-    defaults, which the selection study supports); ``patch(model, HiFiConfig(score="pagerank"), batches)``
-    selects HiFi's way.
+    """Make only the ``selection``'s Q/K/V/O slices and the task head trainable, in place
+    (``hifi_fast.patch`` selects the heads first when given a ``HiFiConfig``).
 
     Args:
         model: a supported ``transformers`` model (see ``hifi_fast.SUPPORTED_MODEL_TYPES``).
-        selection: a ``HeadSelection``, or a ``HiFiConfig`` to select by (scoring ``batches`` unless its
-            score is ``"random"``); ``None``: ``HiFiConfig()``.
-        batches: scoring batches (dicts with ``input_ids``/``attention_mask``, or ``pixel_values``), with a config
-            only; ``score="random"`` needs none (no scoring pass).
-        modules_to_save: modules trained in full; default: the config's, else the task head.
-        master_dtype: dtype of the trainable slices; default: the config's, else the model's.
+        selection: the heads that train.
+        modules_to_save: modules trained in full; default: the task head.
+        master_dtype: dtype of the trainable slices; default: the model's.
 
     Returns:
-        ``model``, patched: its trainable parameters are the compact slices (``*.hifi_weight``,
+        ``model``, patched: its trainable parameters are the slices (``*.hifi_weight``,
         ``*.hifi_bias``) and the task head.
     """
     if is_patched(model):
         raise ValueError("model is already patched by hifi_fast; call hifi_fast.unpatch(model) first")
-    if selection is None:
-        selection = HiFiConfig()
-    if isinstance(selection, HiFiConfig):
-        config = selection
-        selection = select_for_config(model, batches, config)
-        if modules_to_save is None:
-            modules_to_save = config.modules_to_save
-        if master_dtype is None:
-            master_dtype = config.master_dtype
-    elif not isinstance(selection, HeadSelection):
+    if not isinstance(selection, HeadSelection):
         raise TypeError(f"patch: selection must be a HeadSelection or HiFiConfig, got {type(selection).__name__}")
     slices = plan_slices(model, selection)
     if get_adapter(model) is GENERAL:

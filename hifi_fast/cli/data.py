@@ -354,6 +354,7 @@ def load_data(
 
 IGNORE_INDEX = -100  # a label no loss is taken on (PyTorch's cross-entropy default)
 
+
 @dataclass
 class Encoded:
     """Token ids of each example (no padding), with labels: one class per example (``labels``) or,

@@ -23,16 +23,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import ops as torch_ops
-from .backends import load, ops_for
-
-ROWS = "rows"  # head blocks are output features (Q, K, V, fused QKV)
-COLS = "cols"  # head blocks are input features (the output projection)
-
-
-def slice_dim(sliced: str) -> int:
-    """The dimension of the ``[d_out, d_in]`` weight that the head slices index."""
-    return 0 if sliced == ROWS else 1
+from .. import ops as torch_ops
+from ..adapters import COLS, slice_dim
+from ..backends import load, ops_for
 
 
 def runs_of(blocks: tuple[int, ...], block_size: int) -> tuple[tuple[int, int], ...]:

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..adapters import ROWS, slice_dim
+from ..heads import HeadSelection
+from ..tuning.patching import is_patched, plan_slices, weights_fingerprint
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
-from .patching import is_patched, plan_slices, weights_fingerprint
-from .selection import HeadSelection
-from .sparse_head_linear import ROWS, slice_dim
 
 SWAP_ATTR = "hifi_swap_state"
 

@@ -36,10 +36,10 @@ try:  # FSDP2 shards parameters as DTensors
 except ImportError:  # torch built without distributed support
     DTensor, distribute_tensor = (), None
 
-from .adapters import ProjectionSlice, attention_layers
-from .ops import feature_index
-from .backends import backend_name
-from .sparse_head_linear import COLS, ROWS, SliceIndex, SlicePlan, runs_of, slice_dim, sparse_head_linear
+from ..adapters import COLS, ROWS, ProjectionSlice, attention_layers, slice_dim
+from ..backends import backend_name
+from ..ops import feature_index
+from .sparse_head_linear import SliceIndex, SlicePlan, runs_of, sparse_head_linear
 
 # Compact slices are written into their weights right after every optimizer step (fused optimizers
 # do not even bump the slices' version counters): once per step, in one pass, rather than checked and

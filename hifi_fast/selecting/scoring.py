@@ -1,9 +1,9 @@
 """The scoring pass (DESIGN §1.1-1.4): one frozen forward over the scoring set, per-head statistics
 accumulated while streaming from a hook on each output projection's input; optionally, in the same
-pass, the heads' task importance (gate gradients, ``hifi_fast.importance``)."""
+pass, the heads' task importance (gate gradients, ``hifi_fast.selecting.importance``)."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
@@ -11,21 +11,19 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import DECODER_MASK, attention_layers, get_adapter
-from .backends import ops_for
-from .config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
+from ..adapters import DECODER_MASK, attention_layers, get_adapter
+from ..backends import ops_for
+from ..config import WARMUP_LR, WARMUP_STEPS, HiFiConfig, check_warmup
+from ..heads import HeadScores, HeadSelection
+from ..ops import cka_from_cross, entropy_from_grams
+from ..tuning.modules import HeadSliceMixin, head_param_cost
+from .batches import scoring_stream
 from .importance import (
-    TaskGradients, batch_labels, gated, logits_of, only_trainable, per_example_loss, refuse_encoder_decoders,
+    TaskGradients, gated, logits_of, only_trainable, per_example_loss, refuse_encoder_decoders,
     task_head_names, task_head_restorer, warm_up_task_head,
 )
-from .ops import cka_from_cross, entropy_from_grams
-from .modules import HeadSliceMixin, head_param_cost
 from .pagerank import pagerank
-from .scores import HeadScores
-from .selection import HeadSelection, select_heads, select_random_heads
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-PIXEL_VALUES = "pixel_values"
+from .selection import select_heads, select_random_heads
 
 
 class _Accumulator:
@@ -85,92 +83,6 @@ class _Accumulator:
         return int(count.item())
 
 
-def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, input_key: str = "input_ids",
-                  decoder: nn.Module | None = None) -> dict[str, torch.Tensor]:
-    """The model's inputs of one batch, cut to ``limit`` examples and checked while still on the
-    host (so the scoring loop needs no device sync), then moved to ``device``. ``input_key`` is what
-    the model takes: ``input_ids`` (text) or ``pixel_values`` (images). ``decoder``: an
-    encoder-decoder model, whose decoder inputs are added (``_decoder_inputs``)."""
-    if not isinstance(batch, Mapping) or ("input_ids" not in batch and PIXEL_VALUES not in batch):  # BatchEncoding too
-        raise TypeError(f"scoring batch {index} must be a dict with 'input_ids' (and 'attention_mask') or 'pixel_values'")
-    if input_key not in batch:
-        raise TypeError(f"scoring batch {index} has no {input_key!r}, which this model takes (batch keys: {sorted(batch)})")
-    if input_key == PIXEL_VALUES:
-        return {PIXEL_VALUES: _pixel_values(batch[PIXEL_VALUES], index, limit).to(device, non_blocking=True)}
-    inputs = {k: torch.as_tensor(batch[k])[:limit] for k in MODEL_INPUTS if k in batch}
-    if inputs["input_ids"].dim() != 2:
-        raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
-    inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
-    _check_mask(inputs["attention_mask"], index)
-    if decoder is not None:
-        inputs.update(_decoder_inputs(decoder, batch, inputs, index, limit))
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-
-
-def _decoder_inputs(model: nn.Module, batch: dict, inputs: dict, index: int, limit: int) -> dict[str, torch.Tensor]:
-    """An encoder-decoder's decoder inputs: ``decoder_input_ids`` (with ``decoder_attention_mask``, default
-    all ones), else token ``labels`` shifted right as the model's loss does (mask: the labels that are
-    not -100), else, for a classifier (whose task head reads the decoder), the input shifted right,
-    as such models do themselves (mask: ``attention_mask``)."""
-    labels = torch.as_tensor(batch["labels"])[:limit] if "labels" in batch else None
-    if "decoder_input_ids" in batch:
-        ids = torch.as_tensor(batch["decoder_input_ids"])[:limit]
-        mask = torch.as_tensor(batch["decoder_attention_mask"])[:limit] if "decoder_attention_mask" in batch else None
-    elif labels is not None and labels.dim() == 2 and hasattr(model, "prepare_decoder_input_ids_from_labels"):
-        ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-        mask = (labels != -100).long()
-    elif get_adapter(model).default_modules_to_save(model):
-        ids, mask = _shift_right(model, inputs["input_ids"]), inputs["attention_mask"]
-    else:
-        raise TypeError(f"scoring batch {index}: an encoder-decoder's decoder layers need 'decoder_input_ids' or token "
-                        f"'labels' ([batch, tokens], padding -100) to read (batch keys: {sorted(batch)})")
-    mask = torch.ones_like(ids) if mask is None else mask
-    _check_mask(mask, index, "decoder ")
-    return {"decoder_input_ids": ids, DECODER_MASK: mask}
-
-
-def _shift_right(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    config = model.config
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else config.pad_token_id
-    shifted = ids.new_full(ids.shape, start)
-    shifted[:, 1:] = ids[:, :-1]
-    return shifted
-
-
-def _pixel_values(pixels, index: int, limit: int) -> torch.Tensor:
-    pixels = torch.as_tensor(pixels)[:limit]
-    if pixels.dim() != 4 or pixels.shape[0] == 0 or not pixels.is_floating_point():
-        raise ValueError(
-            f"scoring batch {index}: pixel_values must be a float [batch, channels, height, width] tensor with "
-            f"at least one image, got {tuple(pixels.shape)} {pixels.dtype}"
-        )
-    return pixels
-
-
-def _check_mask(mask: torch.Tensor, index: int, what: str = "") -> None:
-    valid = (mask != 0).sum(dim=1)
-    if int(valid.sum()) == 0:
-        raise ValueError(f"scoring batch {index} is all {what}padding ({what}attention_mask has no nonzero entry)")
-    empty = (valid == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"scoring batch {index}: examples {empty} are all {what}padding; drop them from the scoring set")
-
-
-def scoring_stream(batches: Iterable[dict], device: torch.device, num_examples: int, input_key: str,
-                    labels: bool, causal_lm: bool, decoder: nn.Module | None = None,
-                    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor | None]]:
-    """``(inputs, labels or None)`` of the batches until ``num_examples`` examples are taken (the last
-    batch cut to fit; no batch is read past it); ``decoder``: an encoder-decoder model (decoder inputs
-    added)."""
-    seen = 0
-    for index, batch in enumerate(batches):
-        inputs = _model_inputs(batch, device, index, num_examples - seen, input_key, decoder)
-        yield inputs, batch_labels(batch, inputs, index, num_examples - seen, causal_lm) if labels else None
-        seen += inputs[input_key].shape[0]
-        if seen >= num_examples:
-            return
-
-
 def score_heads(
     model: nn.Module,
     batches: Iterable[dict],
@@ -194,7 +106,7 @@ def score_heads(
         num_examples: examples to read; the last batch is cut to fit.
         damping: PageRank damping.
         progress: show a tqdm bar.
-        importance: also measure each head's task importance (``hifi_fast.importance``): the mean
+        importance: also measure each head's task importance (``hifi_fast.selecting.importance``): the mean
             over the examples of ``|dL/d xi_h|`` for a gate ``xi_h = 1`` on the head's output, taken
             in the same pass as the statistics (one forward with grad for the gates only, one
             backward). Classifiers need ``labels`` in every batch; causal LMs predict their text

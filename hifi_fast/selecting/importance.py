@@ -30,32 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .adapters import DECODER_MASK, AttentionLayer, attention_layers, get_adapter
-from .sparse_head_linear import ROWS
-
-IGNORE_INDEX = -100
+from ..adapters import DECODER_MASK, ROWS, AttentionLayer, attention_layers, get_adapter
+from .batches import IGNORE_INDEX, scoring_stream
 
 
 def task_head_names(model: nn.Module) -> list[str]:
     """The model's separate task head modules (``[]`` for causal LMs, whose LM head is the loss's)."""
     return get_adapter(model).default_modules_to_save(model)
-
-
-def batch_labels(batch: Mapping, inputs: dict[str, torch.Tensor], index: int, limit: int,
-                 causal_lm: bool) -> torch.Tensor:
-    """The labels of one scoring batch, cut to ``limit`` examples, on the inputs' device.
-
-    Classifiers need ``labels``. A causal LM takes ``labels`` when given (a collator's, prompt masked
-    with -100) and else predicts its own text: ``input_ids`` with padding set to -100."""
-    device = next(iter(inputs.values())).device
-    if "labels" in batch:
-        return torch.as_tensor(batch["labels"])[:limit].to(device, non_blocking=True)
-    if not causal_lm:
-        raise ValueError(
-            f"score='importance' needs labels: scoring batch {index} has no 'labels' entry (keys: {sorted(batch)}); "
-            "the importance of a head is the loss's sensitivity to it, and a classifier's loss needs the labels"
-        )
-    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, IGNORE_INDEX)
 
 
 def _mean_per_example(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -248,7 +229,6 @@ def refuse_encoder_decoders(model: nn.Module, layers: list[AttentionLayer]) -> N
 def head_gate_gradients(model: nn.Module, batch: Mapping) -> torch.Tensor:
     """``[B, L, H]`` signed ``dL(x_b)/d xi[b, h]`` of one batch (labels as ``batch_labels`` takes them),
     computed as the scoring pass computes them. For analysis and tests; the model runs as it is."""
-    from .scoring import scoring_stream  # scoring imports this module
 
     layers = attention_layers(model)
     refuse_encoder_decoders(model, layers)

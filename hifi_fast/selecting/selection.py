@@ -1,77 +1,11 @@
-"""Which heads train: ``HeadSelection`` and the selection rules of DESIGN §1.5."""
+"""The selection rules of DESIGN §1.5: ``HeadScores`` -> ``HeadSelection``."""
 from __future__ import annotations
-
-import json
-from collections.abc import Mapping
 
 import torch
 
-from .config import TASK_SCORES, HiFiConfig
+from ..config import TASK_SCORES, HiFiConfig
+from ..heads import HeadScores, HeadSelection
 from .pagerank import pagerank
-from .scores import HeadScores
-
-
-class HeadSelection:
-    """``{layer index: sorted head indices}``, plus the scores it was chosen by (optional).
-
-    >>> HeadSelection({0: [1, 3], 2: [0]}).heads
-    {0: [1, 3], 2: [0]}
-    """
-
-    def __init__(self, heads: Mapping[int, list[int]], scores: HeadScores | None = None) -> None:
-        normalised: dict[int, list[int]] = {}
-        for layer, layer_heads in heads.items():
-            layer = _non_negative_int(layer, "layer index")
-            indices = [_non_negative_int(h, f"head index of layer {layer}") for h in layer_heads]
-            if len(set(indices)) != len(indices):
-                raise ValueError(f"HeadSelection: layer {layer} lists a head twice: {list(layer_heads)}")
-            if indices:
-                normalised[layer] = sorted(indices)
-        if not normalised:
-            raise ValueError("HeadSelection: selects no head; give at least one {layer: [heads]} entry")
-        self.heads = dict(sorted(normalised.items()))
-        self.scores = scores
-
-    @property
-    def num_heads(self) -> int:
-        """Number of selected heads over all layers."""
-        return sum(len(h) for h in self.heads.values())
-
-    def to_dict(self) -> dict:
-        data: dict = {"heads": {str(k): v for k, v in self.heads.items()}}
-        if self.scores is not None:
-            data["scores"] = self.scores.to_dict()
-        return data
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "HeadSelection":
-        if not isinstance(data, Mapping) or "heads" not in data:
-            raise ValueError("HeadSelection.from_json: expected an object with a 'heads' entry")
-        scores = HeadScores.from_dict(data["scores"]) if data.get("scores") else None
-        return cls({int(k): v for k, v in data["heads"].items()}, scores)
-
-    @classmethod
-    def from_json(cls, text: str) -> "HeadSelection":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"HeadSelection.from_json: not valid JSON ({err})") from None
-        return cls.from_dict(data)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, HeadSelection) and self.heads == other.heads
-
-    def __repr__(self) -> str:
-        return f"HeadSelection({self.heads})"
-
-
-def _non_negative_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"HeadSelection: {what} must be a non-negative integer, got {value!r}")
-    return value
 
 
 def ranking_scores(scores: HeadScores, config: HiFiConfig) -> torch.Tensor:
@@ -103,7 +37,7 @@ def normalised_task_score(scores: HeadScores, name: str) -> torch.Tensor:
     if values is None:
         raise ValueError(
             f"score={name!r} needs head {name} in the scores, which these do not hold: compute them with "
-            f"hifi_fast.score_heads(model, batches, {name}=True) (or hifi_fast.scoring.score_for_config"
+            f"hifi_fast.score_heads(model, batches, {name}=True) (or hifi_fast.selecting.scoring.score_for_config"
             "(model, batches, config)) on scoring batches with labels"
         )
     values = values.to(torch.float64)

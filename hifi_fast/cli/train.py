@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..storing.training_state import LoopPosition, load_state, save_state
+from ..tuning.guard import NonFiniteGuard
 from .data import IGNORE_INDEX, Encoded, iter_batches, num_batches
-from .guard import NonFiniteGuard
-from .training_state import LoopPosition, load_state, save_state
 
 
 def set_seed(seed: int) -> None:
