@@ -21,13 +21,13 @@ import csv
 import gc
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import hifi_fast
-from hifi_fast.cli.baselines import apply_lora
+from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
 
 METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
 FIELDS = ["cell", "method", "mode", "step_ms_p50", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_gib",
@@ -111,37 +111,29 @@ class Applied:
 
     model: torch.nn.Module
     undo: object
-    params: list = field(default_factory=list)
 
 
 def apply(method: str, base: torch.nn.Module, kind: str) -> Applied:
+    """``method`` set up on ``base`` as the command line sets it up (a causal LM has no task head:
+    its LM head stays frozen for every method but full fine-tuning)."""
     flags = {name: p.requires_grad for name, p in base.named_parameters()}
 
     def restore(model=base):
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, False))
 
-    heads = [] if kind == "causal-lm" else None  # causal LMs: the LM head stays frozen
     if method == "hifi":
-        hifi_fast.patch(base, modules_to_save=heads)
+        hifi_fast.patch(base)
         return Applied(base, lambda: (hifi_fast.unpatch(base), restore()))
     if method.startswith("lora"):
-        from peft import LoraConfig, TaskType, get_peft_model
-
-        if kind == "causal-lm":
-            from hifi_fast.cli.baselines import lora_targets
-
-            config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16, lora_dropout=0.0,
-                                target_modules=lora_targets(base, method.split("-")[1]))
-            model = get_peft_model(base, config)
-        else:
-            model = apply_lora(base, r=8, projections=method.split("-")[1])
+        task_type = "CAUSAL_LM" if kind == "causal-lm" else "SEQ_CLS"
+        model = apply_lora(base, r=8, projections=method.split("-")[1], task_type=task_type)
         return Applied(model, lambda: (model.unload(), restore()))
-    for name, p in base.named_parameters():
-        p.requires_grad_(method == "full" or (heads is None and name.split(".")[0] in ("classifier", "score")))
-    hook = base.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True)) \
-        if method == "frozen" else None
-    return Applied(base, lambda: (hook and hook.remove(), restore()))
+    if method == "full":
+        train_everything(base)
+        return Applied(base, restore)
+    freeze_backbone(base, input_grads=True)
+    return Applied(base, lambda: (base.disable_input_require_grads(), restore()))
 
 
 class Timer:

@@ -87,13 +87,6 @@ def available_backends(device_type: str) -> list[str]:
 
 
 def ops_for(tensor: torch.Tensor) -> ModuleType:
-    """The module implementing the ops for ``tensor``'s device (looked up once per device type and
-    setting: this runs in every backward)."""
-    env = os.environ
-    return load(_name_for(tensor.device.type, env.get("HIFI_FAST_BACKEND", ""), env.get("TRITON_INTERPRET", "")))
-
-
-@lru_cache(maxsize=None)
-def _name_for(device_type: str, forced: str, interpret: str) -> str:
-    """``backend_name`` for one device type and setting of the variables it reads."""
-    return backend_name(torch.device(device_type))
+    """The module implementing the ops for ``tensor``'s device (the head-slice layer decides its
+    backend when it is patched or moved, not per call)."""
+    return load(backend_name(tensor.device))

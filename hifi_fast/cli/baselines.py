@@ -22,16 +22,17 @@ def lora_targets(model: nn.Module, projections: str = "qv") -> list[str]:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: int | None = None, dropout: float = 0.0,
-               projections: str = "qv") -> nn.Module:
+               projections: str = "qv", task_type: str = "SEQ_CLS") -> nn.Module:
     """``peft`` LoRA on the attention projections ``projections`` (default query/value, peft's usual
-    targets; GPT-2: the fused ``c_attn``), task head trained in full; returns the ``PeftModel``."""
+    targets; GPT-2: the fused ``c_attn``), task head trained in full; returns the ``PeftModel``
+    (``task_type``: peft's ``TaskType`` name, e.g. ``"CAUSAL_LM"``)."""
     try:
         from peft import LoraConfig, TaskType, get_peft_model
     except ImportError:
         raise ImportError("the LoRA baseline needs peft (pip install peft)") from None
     adapter = get_adapter(model)
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
+        task_type=TaskType[task_type], r=r, lora_alpha=2 * r if alpha is None else alpha, lora_dropout=dropout,
         target_modules=lora_targets(model, projections), modules_to_save=adapter.default_modules_to_save(model),
     )
     return get_peft_model(model, config)

@@ -9,11 +9,12 @@ stays the one tensor the forward GEMM reads, and holds the slices' current value
   nothing runs per step. The view is re-made whenever the weight is replaced (``.to()``,
   ``.half()``, copies, unpickling, ``load_state_dict(assign=True)``);
 - **a compact copy** otherwise (several separate heads, the output projection's columns, GPT-2's
-  transposed ``Conv1D``, fp32 ``master_dtype`` slices of a bf16 model): whenever it may have
-  changed since the last write (any optimizer step, fused ones included, or an in-place edit), its
-  values are written into the weight first, one ``index_copy_`` in the next forward. One compact
-  parameter costs less per step than one view per head (each parameter is an autograd leaf and an
-  optimizer tensor) and fused optimizers need contiguous parameters.
+  transposed ``Conv1D``, fp32 ``master_dtype`` slices of a bf16 model): written into the weight
+  right after every optimizer step (fused ones included), by one batched copy for all such modules
+  the optimizer trains; an eager forward that finds a slice edited in place since (its version
+  counter moved) writes it first. One compact parameter costs less per step than one view per head
+  (each parameter is an autograd leaf and an optimizer tensor) and fused optimizers need contiguous
+  parameters.
 
 Under FSDP, whose forward sees an all-gathered copy of the weight (writes into it would be lost),
 the slices are merged into a temporary copy instead.
@@ -215,16 +216,6 @@ class HeadSliceMixin:
         if not torch.compiler.is_compiling():
             self.hifi_synced = self.slice_state()
 
-    def _write_slices(self, params: dict) -> None:
-        """``sync_slices`` of a module that owns its whole weight, in an eager forward that finds
-        the slices edited in place since the last write."""
-        index, (weight_slice, *bias_slice) = self.hifi_index, self.hifi_slices
-        weight = params["weight"]
-        self.as_2d(weight).index_copy_(slice_dim(self.hifi_plan.sliced), index, weight_slice.detach().to(weight.dtype))
-        if bias_slice:
-            params["bias"].index_copy_(0, index, bias_slice[0].detach().to(weight.dtype))
-        self.hifi_synced = self.slice_state()
-
     def sync_for_state_dict(self) -> None:
         """Before ``state_dict``: the plain model's state holds the slices."""
         if self._is_fsdp_managed_module and not isinstance(self.weight, DTensor):
@@ -275,9 +266,8 @@ class HeadSliceMixin:
         # Compiled graphs neither check (they cannot guard on version counters) nor write: a write
         # into the weight inside a graph is an input mutation, which AOTAutograd turns into copies
         # of the whole weight. The write after each optimizer step is all they need.
-        if plan.view is None and not torch.compiler.is_compiling() and \
-                self.hifi_synced != (slices[0]._version, slices[-1]._version):
-            self._write_slices(params)
+        if plan.view is None and not torch.compiler.is_compiling() and self.hifi_synced != self.slice_state():
+            self.sync_slices()
         return sparse_head_linear(x, self.as_2d(params["weight"]), params["bias"], slices, plan, self.hifi_indices)
 
     def extra_repr(self) -> str:

@@ -128,9 +128,7 @@ class HeadSliceLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight if weight.dtype == grad_out.dtype else weight.to(grad_out.dtype))
+        grad_x = _input_grad(grad_out, weight) if ctx.needs_input_grad[0] else None
         return (grad_x, None, None, None, None, *slice_grads(ctx.plan, grad_out, x, *ctx.indices))
 
 
