@@ -142,3 +142,38 @@ def test_gpu_error_within_twice_torch(dtype, block_size, heads, selected):
     got_c = kernels.head_cols_grad(out_proj_dy, inp, cols, block_size)
     ref_c = ops.head_cols_grad(out_proj_dy, inp, cols, block_size)
     assert_within_twice_torch(got_c, ref_c, want_c, summation_slack(out_proj_dy, x_cols))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="Triton was set up for compiled kernels; the interpreter cannot be switched on later")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sliced, blocks, view, with_bias", [
+    ("rows", [8], (8, 8), True),            # one head: a view of the weight's rows
+    ("rows", [0, 16], None, True),          # separate heads: a compact copy, gathered
+    ("rows", [16, 0], None, False),         # out of order, no bias
+    ("cols", [8, 16], None, False),         # the output projection's input columns
+])
+def test_each_plan_kind_trains_the_slices_through_the_eager_path(monkeypatch, backend, sliced, blocks, view, with_bias):
+    """``sparse_head_linear`` eagerly (the slice-gradient function fixed once per plan and backend,
+    ``eager_slice_grads``) against float64 autograd of a dense weight, for every kind of plan."""
+    from hifi_fast.tuning.sparse_head_linear import SliceIndex, SlicePlan, sparse_head_linear
+
+    monkeypatch.setenv("HIFI_FAST_BACKEND", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backends.load.cache_clear()
+    x, weight, bias = _randn(6, 24, torch.float32, 0).reshape(2, 3, 24), _randn(24, 24, torch.float32, 1), _randn(1, 24, torch.float32, 2)[0]
+    index = ops.feature_index(torch.tensor(blocks), 8)
+    dim = 0 if sliced == "rows" else 1
+    slices = [weight.index_select(dim, index).clone().requires_grad_()]
+    if with_bias:
+        slices.append(bias[index].clone().requires_grad_())
+    plan = SlicePlan(sliced, 8, with_bias, view)
+    y = sparse_head_linear(x, weight, bias, tuple(slices), plan, SliceIndex(torch.tensor(blocks), index, backend))
+    grad_out = _randn(6, 24, torch.float32, 3).reshape(2, 3, 24)
+    y.backward(grad_out)
+    dense_w = weight.double().requires_grad_()
+    dense_b = bias.double().requires_grad_()
+    torch.nn.functional.linear(x.double(), dense_w, dense_b).backward(grad_out.double())
+    _close(slices[0].grad, dense_w.grad.index_select(dim, index), 1e-5, 6)
+    if with_bias:
+        _close(slices[1].grad, dense_b.grad[index], 1e-5, 6)
+    backends.load.cache_clear()

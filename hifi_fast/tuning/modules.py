@@ -28,6 +28,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
@@ -40,7 +41,8 @@ except ImportError:  # torch built without distributed support
 from ..adapters import COLS, ROWS, ProjectionSlice, attention_layers, slice_dim
 from ..backends import backend_name
 from ..ops import feature_index
-from .sparse_head_linear import SliceIndex, SlicePlan, runs_of, sparse_head_linear
+from .sparse_head_linear import (HeadSliceLinearFunction, SliceIndex, SlicePlan, apply_eagerly, eager_slice_grads, runs_of,
+                                 sparse_head_linear)
 
 # Compact slices are written into their weights right after every optimizer step (fused optimizers
 # do not even bump the slices' version counters): once per step, in one pass, rather than checked and
@@ -148,6 +150,7 @@ class HeadSliceMixin:
         drops what was read before, which would keep the unsharded tensors alive)."""
         self.hifi_slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
         self.hifi_indices = SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(self.hifi_index.device))
+        self.hifi_grads = eager_slice_grads(self.hifi_plan, self.hifi_indices)
         self.hifi_copies = None
         weight = self._parameters["weight"]
         if self.hifi_plan.view is None and not self._is_fsdp_managed_module and not isinstance(weight, DTensor):
@@ -249,8 +252,8 @@ class HeadSliceMixin:
             hook.remove()
         for name in SLICE_PARAMS + ("hifi_blocks", "hifi_index"):
             delattr(self, name)
-        for name in ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_copies", "hifi_synced",
-                     "hifi_hooks"):
+        for name in ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_grads", "hifi_copies",
+                     "hifi_synced", "hifi_hooks"):
             self.__dict__.pop(name, None)
         self.__class__ = PLAIN_CLASS[type(self)]
 
@@ -261,14 +264,22 @@ class HeadSliceMixin:
             slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
             return sparse_head_linear(x, self.weight_2d(), self.bias, slices, self.hifi_plan,
                                       SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(x.device)), merge=True)
-        # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd Function.
-        plan, params, slices = self.hifi_plan, self._parameters, self.hifi_slices
-        # Compiled graphs neither check (they cannot guard on version counters) nor write: a write
-        # into the weight inside a graph is an input mutation, which AOTAutograd turns into copies
-        # of the whole weight. The write after each optimizer step is all they need.
-        if plan.view is None and not torch.compiler.is_compiling() and self.hifi_synced != self.slice_state():
+        # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd Function
+        # whose backward was fixed at patch time.
+        params, slices = self._parameters, self.hifi_slices
+        weight, bias = self.as_2d(params["weight"]), params["bias"]
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            # Compiled graphs neither check (they cannot guard on version counters) nor write: a
+            # write into the weight inside a graph is an input mutation, which AOTAutograd turns into
+            # copies of the whole weight. The write after each optimizer step is all they need.
+            if not torch.is_grad_enabled():
+                return F.linear(x, weight, bias)
+            return HeadSliceLinearFunction.apply(x, weight, bias, self.hifi_plan, self.hifi_indices, *slices)
+        if self.hifi_plan.view is None and self.hifi_synced != (slices[0]._version, slices[-1]._version):
             self.sync_slices()
-        return sparse_head_linear(x, self.as_2d(params["weight"]), params["bias"], slices, plan, self.hifi_indices)
+        if not torch.is_grad_enabled():
+            return F.linear(x, weight, bias)
+        return apply_eagerly(x, weight, bias, self.hifi_grads, *slices)
 
     def extra_repr(self) -> str:
         kind = "compact copy" if self.hifi_plan.view is None else "view"

@@ -10,14 +10,17 @@ forward and again in the backward.
 The backward is the math and nothing else: what it computes is decided at patch time
 (``SlicePlan``). A slice that is one run of adjacent rows is one GEMM on a view of the output
 gradient; a compact slice of several head blocks is gathered once (``index_select`` + one GEMM on
-CPU, one launch of the Triton kernel or the CUDA extension on a GPU). Eagerly the backend's
-function is called directly, with no ``torch.library`` wrapper; under ``torch.compile`` the
+CPU, one launch of the Triton kernel or the CUDA extension on a GPU). Eagerly that choice, the
+backend and their fixed arguments are bound once per module (``eager_slice_grads``) and the
+backward makes one call, with no ``torch.library`` wrapper; under ``torch.compile`` the
 PyTorch form is traced inline on CPU, and on a GPU the backend runs as the custom ops
 ``hifi_fast::head_rows_grad`` / ``hifi_fast::head_cols_grad`` (fake implementations: no graph break).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -71,35 +74,76 @@ def _compact_grad(plan: SlicePlan, grad_out, x, blocks, index, backend):
         backend = torch_ops if grad_out.device.type == "cpu" else None
     else:
         backend = load(backend)
-    if plan.sliced == COLS:
-        if backend is torch_ops:
-            return (torch_ops.cols_grad_at(grad_out, x, index),)
-        run = torch.ops.hifi_fast.head_cols_grad if backend is None else backend.head_cols_grad
-        return (run(grad_out, x, blocks, plan.block_size),)
     if backend is torch_ops:
-        grad_weight, grad_bias = torch_ops.rows_grad_at(grad_out, x, index, plan.with_bias)
-    else:
-        run = torch.ops.hifi_fast.head_rows_grad if backend is None else backend.head_rows_grad
-        grad_weight, grad_bias = run(grad_out, x, blocks, plan.block_size, plan.with_bias)
-    return (grad_weight, grad_bias) if plan.with_bias else (grad_weight,)
+        if plan.sliced == COLS:
+            return _index_cols_grads(index, grad_out, x)
+        return _index_rows_grads(index, plan.with_bias, grad_out, x)
+    if plan.sliced == COLS:
+        run = torch.ops.hifi_fast.head_cols_grad if backend is None else backend.head_cols_grad
+        return _backend_cols_grads(run, blocks, plan.block_size, grad_out, x)
+    run = torch.ops.hifi_fast.head_rows_grad if backend is None else backend.head_rows_grad
+    return _backend_rows_grads(run, blocks, plan.block_size, plan.with_bias, grad_out, x)
+
+
+# The slice gradients of each kind of plan, from 2-D ``grad_out`` and ``x`` in one dtype; the fixed
+# arguments first, so that ``eager_slice_grads`` binds them once at patch time.
+def _run_rows_grads(start: int, length: int, with_bias: bool, grad_out, x):
+    grad_rows = grad_out.narrow(1, start, length)
+    grad_weight = torch.mm(grad_rows.t(), x)
+    return (grad_weight, grad_rows.sum(0)) if with_bias else (grad_weight,)
+
+
+def _index_rows_grads(index, with_bias: bool, grad_out, x):
+    grad_weight, grad_bias = torch_ops.rows_grad_at(grad_out, x, index, with_bias)
+    return (grad_weight, grad_bias) if with_bias else (grad_weight,)
+
+
+def _index_cols_grads(index, grad_out, x):
+    return (torch_ops.cols_grad_at(grad_out, x, index),)
+
+
+def _backend_rows_grads(run, blocks, block_size: int, with_bias: bool, grad_out, x):
+    grad_weight, grad_bias = run(grad_out, x, blocks, block_size, with_bias)
+    return (grad_weight, grad_bias) if with_bias else (grad_weight,)
+
+
+def _backend_cols_grads(run, blocks, block_size: int, grad_out, x):
+    return (run(grad_out, x, blocks, block_size),)
+
+
+def _as_2d(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_out`` and ``x`` as ``[N, features]``, ``x`` in the gradient's dtype: under autocast the
+    saved input keeps its own dtype while the gradient is in the autocast dtype; the slice gradients
+    are taken in the gradient's dtype (autograd casts them to the slices' dtype, e.g. fp32 master
+    slices)."""
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    x = x.reshape(-1, x.shape[-1])
+    return grad_out, x if x.dtype == grad_out.dtype else x.to(grad_out.dtype)
 
 
 def slice_grads(plan: SlicePlan, grad_out: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor,
                 index: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
     """The gradient of the weight slice (and of the bias slice) from ``grad_out [..., d_out]`` and
     the projection's input ``x [..., d_in]``."""
-    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-    x = x.reshape(-1, x.shape[-1])
-    # Under autocast the saved input keeps its own dtype while the gradient is in the autocast
-    # dtype; the slice gradients are taken in the gradient's dtype (autograd casts them to the
-    # slices' dtype, e.g. fp32 master slices).
-    if x.dtype != grad_out.dtype:
-        x = x.to(grad_out.dtype)
+    grad_out, x = _as_2d(grad_out, x)
     if plan.view is None:
         return _compact_grad(plan, grad_out, x, blocks, index, backend)
-    grad_rows = grad_out.narrow(1, *plan.view)
-    grad_weight = torch.mm(grad_rows.t(), x)
-    return (grad_weight, grad_rows.sum(0)) if plan.with_bias else (grad_weight,)
+    return _run_rows_grads(*plan.view, plan.with_bias, grad_out, x)
+
+
+def eager_slice_grads(plan: SlicePlan, indices: SliceIndex) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
+    """``slice_grads`` of ``plan`` on ``indices``' device with every choice made now (the branch,
+    the backend, the fixed arguments): a ``partial`` of 2-D ``(grad_out, x)`` for the eager path."""
+    if plan.view is not None:
+        return partial(_run_rows_grads, *plan.view, plan.with_bias)
+    backend = load(indices.backend)
+    if backend is torch_ops:
+        if plan.sliced == COLS:
+            return partial(_index_cols_grads, indices.index)
+        return partial(_index_rows_grads, indices.index, plan.with_bias)
+    if plan.sliced == COLS:
+        return partial(_backend_cols_grads, backend.head_cols_grad, indices.blocks, plan.block_size)
+    return partial(_backend_rows_grads, backend.head_rows_grad, indices.blocks, plan.block_size, plan.with_bias)
 
 
 def merged(weight: torch.Tensor, bias: torch.Tensor | None, plan: SlicePlan, index: torch.Tensor,
@@ -116,8 +160,8 @@ def _input_grad(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class HeadSliceLinearFunction(torch.autograd.Function):
-    """Autograd Function of ``sparse_head_linear`` on the hot path: the weight holds the slice
-    values, the slices only carry gradients. Nothing but the math runs per call."""
+    """Autograd Function of ``sparse_head_linear`` when compiling (or under functorch transforms):
+    the weight holds the slice values, the slices only carry gradients."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan, indices, *slices):
@@ -130,6 +174,23 @@ class HeadSliceLinearFunction(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_x = _input_grad(grad_out, weight) if ctx.needs_input_grad[0] else None
         return (grad_x, None, None, None, None, *slice_grads(ctx.plan, grad_out, x, *ctx.indices))
+
+
+class EagerHeadSliceLinearFunction(torch.autograd.Function):
+    """The same on the eager hot path, where the host's time per call is the cost: the slice
+    gradients are one ``eager_slice_grads`` function fixed at patch time, called once."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, grads, *slices):
+        ctx.save_for_backward(x, weight)
+        ctx.grads = grads
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_x = _input_grad(grad_out, weight) if ctx.needs_input_grad[0] else None
+        return (grad_x, None, None, None, *ctx.grads(*_as_2d(grad_out, x)))
 
 
 class MergingHeadSliceLinearFunction(torch.autograd.Function):
@@ -180,13 +241,14 @@ def sparse_head_linear(
         return F.linear(x, weight, bias)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return HeadSliceLinearFunction.apply(x, weight, bias, plan, indices, *slices)
-    return _apply_eagerly(x, weight, bias, plan, indices, *slices)
+    return apply_eagerly(x, weight, bias, eager_slice_grads(plan, indices), *slices)
 
 
 # ``Function.apply``'s Python wrapper only matters for functorch transforms and for dynamo, which
 # recognises it by name; eagerly and outside them it costs a third of the call (a pytree walk of the
 # arguments), so the hot path calls the C implementation underneath it directly.
-_apply_eagerly = getattr(super(torch.autograd.Function, HeadSliceLinearFunction), "apply", HeadSliceLinearFunction.apply)
+apply_eagerly = getattr(super(torch.autograd.Function, EagerHeadSliceLinearFunction), "apply",
+                        EagerHeadSliceLinearFunction.apply)
 
 
 @torch.library.custom_op("hifi_fast::head_rows_grad", mutates_args=())
