@@ -134,3 +134,43 @@ def test_unpatch_forgets_the_module():
     assert compact and all(m in _compact_modules for m in compact)
     hifi_fast.unpatch(model)
     assert not any(m in _compact_modules for m in compact)
+
+
+def _step(model, opt, seed=0):
+    opt.zero_grad()
+    model(**tiny_batch(seed=seed)).loss.backward()
+    opt.step()
+
+
+def test_a_weight_replaced_between_steps_of_one_optimizer_still_gets_the_slices():
+    """The post-step write is planned once per optimizer; a weight assigned anew (not through
+    ``_apply`` or a load) is noticed at the next step and written instead of the old one."""
+    model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection(SELECTIONS["bert"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    _step(model, opt)
+    compact = {n: m for n, m in _modules(model).items() if m.hifi_plan.view is None}
+    for module in compact.values():
+        module.weight = torch.nn.Parameter(module.weight.detach().clone(), requires_grad=False)
+    before = {n: m.weight.detach().clone() for n, m in compact.items()}
+    _step(model, opt, seed=1)
+    for name, module in compact.items():
+        dim = 0 if module.hifi_plan.sliced == "rows" else 1
+        assert not torch.equal(module.weight, before[name]), name
+        assert torch.equal(module.weight_2d().index_select(dim, module.hifi_index), module.hifi_weight), name
+
+
+def test_an_optimizer_that_outlives_its_model_holds_none_of_its_weights():
+    """The write plan holds views of the weights (their storage): it goes with the model."""
+    import gc
+
+    from hifi_fast.tuning.modules import _write_plans
+
+    model = hifi_fast.patch(tiny_model("bert"), hifi_fast.HeadSelection(SELECTIONS["bert"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, fused=True)
+    _step(model, opt)
+    assert opt in _write_plans
+    del model
+    gc.collect()
+    assert opt not in _write_plans
+    opt.step()  # the optimizer still steps its slices; nothing is left to write
+    assert opt in _write_plans and not _write_plans[opt][1]

@@ -49,39 +49,50 @@ from .sparse_head_linear import (HeadSliceLinearFunction, SliceIndex, SlicePlan,
 # written in every forward. The forward still checks the version counters, which catch in-place
 # edits made outside an optimizer step.
 _compact_modules: weakref.WeakSet = weakref.WeakSet()
+# Per optimizer, what its step writes: ``(param-groups key, modules (weak), targets, values)``, made
+# once rather than gathered in every step; forgotten when a compact module is added, re-read
+# (``_cache_call_args``), removed or garbage-collected. The modules are held weakly and the plan by a
+# weak key, so neither the optimizer nor the plan keeps a model alive.
+_write_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _forget_write_plans(*_) -> None:
+    _write_plans.clear()
+
+
+def _groups_key(optimizer) -> tuple:
+    return tuple((len(g["params"]), id(g["params"][0]), id(g["params"][-1])) if g["params"] else 0
+                 for g in optimizer.param_groups)
+
+
+def _write_plan(optimizer) -> tuple:
+    """``(modules, targets, values)`` of the compact slices ``optimizer`` trains."""
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    modules = [m for m in _compact_modules if m.hifi_copies is not None and id(m.hifi_slices[0]) in trained]
+    targets = [t for m in modules for t in m.hifi_copies[1]]
+    values = [v for m in modules for v in m.hifi_copies[2]]
+    return tuple(weakref.ref(m) for m in modules), targets, values
 
 
 def _write_compact_slices(optimizer, args, kwargs) -> None:
-    trained = _trained_parameter_ids(optimizer)
-    written = []
-    for module in tuple(_compact_modules):
-        if id(module.hifi_slices[0]) not in trained:
-            continue
-        if module.hifi_copies is not None and module._parameters["weight"] is not module.hifi_copies[0]:
-            module._cache_call_args()  # the weight was replaced (FSDP, assignment): read it again
-        if module.hifi_copies is not None:
-            written.append(module)
-    if not written:
+    key = _groups_key(optimizer)
+    plan = _write_plans.get(optimizer)
+    if plan is None or plan[0] != key:
+        plan = _write_plans[optimizer] = (key, *_write_plan(optimizer))
+    modules = [ref() for ref in plan[1]]
+    for module in modules:
+        if module is None or module._parameters["weight"] is not module.hifi_copies[0]:
+            if module is not None:
+                module._cache_call_args()  # the weight was replaced (FSDP, assignment): read it again
+            _forget_write_plans()
+            return _write_compact_slices(optimizer, args, kwargs)
+    if not modules:
         return
-    targets, values = [], []
-    for module in written:
-        targets += module.hifi_copies[1]
-        values += module.hifi_copies[2]
     with torch.no_grad():
-        torch._foreach_copy_(targets, values)
-    for module in written:
-        module.hifi_synced = module.slice_state()
-
-
-def _trained_parameter_ids(optimizer) -> frozenset[int]:
-    """Ids of ``optimizer``'s parameters, cached on it until its parameter groups change."""
-    groups = optimizer.param_groups
-    key = tuple((len(g["params"]), id(g["params"][0]), id(g["params"][-1])) if g["params"] else 0 for g in groups)
-    cached = optimizer.__dict__.get("_hifi_trained")
-    if cached is None or cached[0] != key:
-        cached = key, frozenset(id(p) for group in groups for p in group["params"])
-        optimizer.__dict__["_hifi_trained"] = cached
-    return cached[1]
+        torch._foreach_copy_(plan[2], plan[3])
+    for module in modules:
+        slices = module.hifi_slices
+        module.hifi_synced = slices[0]._version, slices[-1]._version
 
 
 register_optimizer_step_post_hook(_write_compact_slices)
@@ -164,7 +175,10 @@ class HeadSliceMixin:
                     values.append(self.hifi_bias.detach().narrow(0, offset, length))
                 offset += length
             self.hifi_copies = (weight, targets, values)
+            if self not in _compact_modules:
+                weakref.finalize(self, _forget_write_plans)
             _compact_modules.add(self)
+        _forget_write_plans()
 
     @property
     def hifi_is_view(self) -> bool:
@@ -248,6 +262,7 @@ class HeadSliceMixin:
         """Write the slices back and remove them; the module is its plain class again."""
         self.sync_slices()
         _compact_modules.discard(self)
+        _forget_write_plans()
         for hook in self.hifi_hooks:
             hook.remove()
         for name in SLICE_PARAMS + ("hifi_blocks", "hifi_index"):
