@@ -520,8 +520,12 @@ def test_gpu_edge_shapes():
     _close(cuda_ext.head_rows_grad(grad_out, inp, spaced, 8, False)[0], want, 1e-5, 9)
 
 
-# One child process per case: the first GPU run crashed (SIGSEGV) on the 3-D grad_out case and
-# took the test run with it. The same bindings raise cleanly on CPU under torch 2.11 and 2.13
+# One child process per case: the first GPU run crashed (SIGSEGV) in the old single test and took
+# the test run with it. Its faulthandler line (545 at 0833009) is the rows-differ call
+# `head_cols_grad(g, x[:3], blocks, 8)`, the first head_cols_grad error case, not the 3-D grad_out
+# one (line 547): a fresh process per case tells a build-level fault in head_cols_grad's error path
+# (both head_cols_grad cases die, the head_rows_grad ones do not) from state left by earlier tests
+# in that process (no case dies here). The same bindings raise cleanly on CPU under torch 2.11 and 2.13
 # (tests/test_cuda_bindings_cpu.py); a crash here now names its case, with gdb's native backtrace
 # where gdb is installed.
 _GPU_SETUP = """
