@@ -9,13 +9,14 @@
 # order of value, each under its own time limit, within an overall budget: a stage whose limit is
 # more than the time left is skipped and reported as such. A failing stage does not stop the others.
 #
-#   install, environment, headline, cuda_ext, kernel_tests, full_tests, compile_gate, kernel_bench,
-#   profile
+#   install, environment, headline, cuda_ext, kernel_tests, host_overhead, full_tests, compile_gate,
+#   kernel_bench, profile
 #
 # The headline benchmark comes first (bench.headline: HiFi vs LoRA vs full vs frozen on MiniLM,
 # Llama-1B and Llama-3-8B shapes, one process, written after every round, done within the first
 # three minutes); then the CUDA extension (its error cases one process each) and the kernel tests
-# (~145 s on an H200, 2026-11-27). A rerun names the rest in GPU_CHECK_STAGES. The compile gate comes late because CI already compiles
+# (~145 s on an H200, 2026-11-27); then the host overhead per step (bench.host_overhead: eager, and
+# compiled into CUDA graphs). A rerun names the rest in GPU_CHECK_STAGES. The compile gate comes late because CI already compiles
 # every kernel for cuda:80/cuda:90 on CPU (and it passed on the H200).
 #
 # Output: $OUT if set, else bench/results/<device name>/: at most 8 flat files --
@@ -42,7 +43,7 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 PLAN=${GPU_CHECK_PLAN:-0}
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 STAGES_WANTED=${GPU_CHECK_STAGES:-}
-STAGE_NAMES=(install environment headline cuda_ext kernel_tests full_tests compile_gate kernel_bench profile)
+STAGE_NAMES=(install environment headline cuda_ext kernel_tests host_overhead full_tests compile_gate kernel_bench profile)
 KERNEL_TESTS=(tests/test_kernels_head_statistics.py tests/test_kernels_sparse_head_grad.py tests/test_ops.py tests/test_mixed_precision.py)
 
 # ---------------------------------------------------------------- the real run's arguments
@@ -60,6 +61,8 @@ HEADLINE_SIZE=()                            # bench.headline's defaults: 3 round
 FULL_SELECT=()
 KBENCH_SELECT=()
 PROFILE=(--model bert-base --steps 5)
+HOST_SIZE=()                                # bench.host_overhead's defaults: 16 layers, 21 rounds x 5 steps
+HOST_COMPILED_METHODS=frozen,hifi,lora-qv   # each compiles twice (model, optimizer step)
 # ---------------------------------------------------------------- DRY RUN: only these change
 if [ "$DRY" = 1 ]; then
     PIP_DRY=(--dry-run)
@@ -76,6 +79,8 @@ if [ "$DRY" = 1 ]; then
     FULL_SELECT=(-k test_pagerank_degenerate_graphs)
     KBENCH_SELECT=(-k "test_scoring_statistics and bert-base and torch")
     PROFILE=(--model tiny-bert --steps 1)
+    HOST_SIZE=(--layers 2 --rounds 1 --steps 1)
+    HOST_COMPILED_METHODS=frozen,hifi
 fi
 
 # ---------------------------------------------------------------- small Python helpers
@@ -157,6 +162,12 @@ stage_cuda_ext() {
     # apart and verbose: the first GPU run crashed (SIGSEGV) in these; -v names the case before it runs
     step env TRITON_INTERPRET="$INTERPRET" "$PY" -m pytest -v -rfEs "${TIMEOUT_ARGS[@]}" tests/test_cuda_ext.py -k errors_name "${EXT_SELECT[@]}"
 }
+stage_host_overhead() {
+    # issue 21 on the device: every method eager, then frozen/hifi/LoRA compiled into CUDA graphs
+    step "$PY" -m bench.host_overhead --device "$DEVICE" "${HOST_SIZE[@]}" --out "$work/host_overhead"
+    step "$PY" -m bench.host_overhead --device "$DEVICE" --compiled-only --cuda-graphs --shapes llama \
+        --methods "$HOST_COMPILED_METHODS" "${HOST_SIZE[@]}" --out "$work/host_overhead"
+}
 bench_seconds() {  # a benchmark's --max-seconds: its stage's limit less time to write the report
     echo $((LIMIT[$STAGE] - 25))
 }
@@ -187,6 +198,7 @@ environment 30 environment.txt
 headline 180 headline.md
 cuda_ext 150 cuda_ext.log
 kernel_tests 160 gpu_tests.log
+host_overhead 150 kernels_profile.md
 full_tests 150 gpu_tests.log
 compile_gate 120 compile_gate.md
 kernel_bench 90 kernels_profile.md

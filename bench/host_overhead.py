@@ -14,6 +14,10 @@ gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tu
 - the same with ``torch.compile`` of the model and of the optimizer step (``--compiled``; 4 layers,
   compiling costs minutes here), with the graph breaks and recompiles seen while timing.
 
+On a GPU (``--device cuda``, a stage of ``bench/gpu_check.sh``) the steps are timed by CUDA events
+(a launch-bound step's device time is its host time), and ``--cuda-graphs`` compiles with
+``mode="reduce-overhead"``, which replays the compiled graphs as CUDA graphs.
+
 Writes ``bench/results/host-overhead/host_overhead.{md,json}`` (``--out``).
 """
 from __future__ import annotations
@@ -70,27 +74,50 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
 class Run:
     """One method's model, optimizer and batch, and its training step."""
 
-    def __init__(self, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool = True) -> None:
-        self.method = method
-        self.model = prepare(build_model(shape, layers), method).train()
+    def __init__(self, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool = True,
+                 device: str = "cpu", cuda_graphs: bool = False) -> None:
+        self.method, self.cuda_graphs = method, cuda_graphs
+        self.model = prepare(build_model(shape, layers), method).to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         # A compiled step compiles the foreach AdamW (inductor fuses it); dynamo does not trace the
         # fused one (``_fused_adam`` is ``compiler.disable``d: the step would break around it).
         compile_step = compiled and compile_optimizer
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, fused=not compile_step, foreach=compile_step or None)
         generator = torch.Generator().manual_seed(0)
-        self.batch = {"input_ids": torch.randint(1, 256, (2, 16), generator=generator),
-                      "labels": torch.randint(0, 3, (2,), generator=generator)}
-        self.forward = torch.compile(self.model) if compiled else self.model
-        self.optimizer_step = torch.compile(self.optimizer.step) if compile_step else self.optimizer.step
+        self.batch = {"input_ids": torch.randint(1, 256, (2, 16), generator=generator).to(device),
+                      "labels": torch.randint(0, 3, (2,), generator=generator).to(device)}
+        mode = "reduce-overhead" if cuda_graphs else None
+        self.forward = torch.compile(self.model, mode=mode) if compiled else self.model
+        self.optimizer_step = torch.compile(self.optimizer.step, mode=mode) if compile_step else self.optimizer.step
 
     def forward_backward(self) -> None:
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # a new step: last step's graph outputs are done with
         self.optimizer.zero_grad(set_to_none=True)
         self.forward(**self.batch).loss.backward()
 
     def step(self) -> None:
         self.forward_backward()
         self.optimizer_step()
+
+
+def timed_steps(run: Run, steps: int) -> list[float]:
+    """Milliseconds of each of ``steps`` steps: CPU time of this thread, or on a GPU the time
+    between CUDA events around the step (synchronised once, after the last)."""
+    if next(run.model.parameters()).device.type != "cuda":
+        samples = []
+        for _ in range(steps):
+            start = time.thread_time()
+            run.step()
+            samples.append((time.thread_time() - start) * 1e3)
+        return samples
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        run.step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
 
 
 def _is_compute(event) -> bool:
@@ -117,13 +144,14 @@ def trained_projections(model: torch.nn.Module) -> int:
     return sum(isinstance(m, hifi_fast.tuning.modules.HeadSliceMixin) for m in model.modules())
 
 
-def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool) -> dict:
+def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool,
+            methods: tuple[str, ...] = METHODS, device: str = "cpu", cuda_graphs: bool = False) -> dict:
     from torch._dynamo.utils import counters
 
     # ``optimizer.step`` is one function compiled anew for each optimizer (its guards name the
     # object): ten optimizers would pass dynamo's default limit of 8 and the last run eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    runs = [Run(shape, method, layers, compiled, compile_optimizer) for method in METHODS]
+    runs = [Run(shape, method, layers, compiled, compile_optimizer, device, cuda_graphs) for method in methods]
     for run in runs:  # warm-up (and compilation)
         for _ in range(3):
             run.step()
@@ -136,16 +164,12 @@ def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, co
     for round_index in range(rounds):
         order = runs if round_index % 2 == 0 else runs[::-1]  # no method always runs first
         for run in order:
-            samples = []
-            for _ in range(steps):
-                start = time.thread_time()
-                run.step()
-                samples.append((time.thread_time() - start) * 1e3)
-            times[run.method].append(statistics.median(samples))
+            times[run.method].append(statistics.median(timed_steps(run, steps)))
     gc.enable()
     hifi = next(r for r in runs if r.method == "hifi")
     return {
         "shape": shape, "layers": layers, "compiled": compiled, "compiled_optimizer": compiled and compile_optimizer,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cuda_graphs": cuda_graphs,
         "rounds": rounds, "steps_per_round": steps,
         "trained_projections": trained_projections(hifi.model),
         "graph_breaks_while_timing": sum(counters["graph_break"].values()) - breaks,
@@ -162,21 +186,27 @@ def paired(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def report(results: list[dict]) -> str:
+    on_gpu = any(r.get("device", "cpu") != "cpu" for r in results)
+    timing = ("ms: time between CUDA events around each step (a launch-bound step's device time is the "
+              "host's), median over rounds of each round's median step" if on_gpu else
+              "ms: CPU time of the step's thread, median over rounds of each round's median step")
     lines = [
         "# Host overhead per training step",
         "",
         f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, "
-        f"{platform.machine()}, {torch.get_num_threads()} thread; `python -m bench.host_overhead`. "
+        f"{results[0].get('device', 'cpu') if on_gpu else platform.machine()}, {torch.get_num_threads()} thread; "
+        "`python -m bench.host_overhead`. "
         "Models of tiny width (hidden 64, 8 heads; Llama: 2 KV heads), batch 2 x 16 tokens, AdamW (fused; "
         "foreach where `optimizer.step` is compiled, since dynamo does not trace the fused one): "
         "what is timed is the host's work. hifi = `hifi_fast.patch(model)` (2 random heads per layer). "
-        "ms: CPU time of the step's thread, median over rounds of each round's median step; ratios: "
-        "medians of per-round ratios.",
+        f"{timing}; ratios: medians of per-round ratios.",
         "",
     ]
     for r in results:
         mode = "eager" if not r["compiled"] else "compiled (`torch.compile` of the model and of `optimizer.step`)" \
             if r.get("compiled_optimizer") else "compiled (`torch.compile` of the model; eager optimizer step)"
+        if r.get("cuda_graphs"):
+            mode += ", `mode=\"reduce-overhead\"` " + ("(CUDA graphs)" if r.get("device", "cpu") != "cpu" else "(no CUDA graphs on a CPU)")
         lines += [
             f"## {r['shape']}-like, {r['layers']} layers, {mode}",
             "",
@@ -188,11 +218,13 @@ def report(results: list[dict]) -> str:
             "| method | host ms/step | x frozen | x LoRA q/v | fwd+bwd ops | optimizer ops |",
             "|---|---|---|---|---|---|",
         ]
-        for method in METHODS:
+        ms = r["ms"]
+        for method in (m for m in METHODS if m in ms):
             ops = r["ops"][method]
+            vs_lora = f"{paired(ms, method, 'lora-qv'):.3f}" if "lora-qv" in ms else "-"
             lines.append(
-                f"| {method} | {statistics.median(r['ms'][method]):.2f} | {paired(r['ms'], method, 'frozen'):.3f} | "
-                f"{paired(r['ms'], method, 'lora-qv'):.3f} | {ops['forward_backward']} | {ops['optimizer']} |")
+                f"| {method} | {statistics.median(ms[method]):.2f} | {paired(ms, method, 'frozen'):.3f} | "
+                f"{vs_lora} | {ops['forward_backward']} | {ops['optimizer']} |")
         extra = r["ops"]["hifi"]["forward_backward"] - r["ops"]["frozen"]["forward_backward"]
         lines += ["", f"hifi - frozen, forward + backward: {extra} ops, "
                   f"{extra / max(r['trained_projections'], 1):.2f} per trained projection.", ""]
@@ -202,24 +234,32 @@ def report(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--methods", default=",".join(METHODS), help="frozen and hifi at least")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile'd (4 layers)")
     parser.add_argument("--compiled-only", action="store_true")
     parser.add_argument("--eager-optimizer", action="store_true", help="compiled: leave the optimizer step eager")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--cuda-graphs", action="store_true", help='compiled with mode="reduce-overhead"')
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host-overhead")
     args = parser.parse_args(argv)
+    methods = tuple(args.methods.split(","))
+    if not {"frozen", "hifi"} <= set(methods) or not set(methods) <= set(METHODS):
+        parser.error(f"--methods: frozen, hifi and any of {', '.join(METHODS)}; got {args.methods}")
     torch.set_num_threads(1)
     modes = ([] if args.compiled_only else [(args.layers, False)]) + ([(4, True)] if args.compiled or args.compiled_only else [])
     results = []
     for layers, compiled in modes:
         for shape in args.shapes.split(","):
-            results.append(measure(shape, layers, args.rounds, args.steps, compiled, not args.eager_optimizer))
+            results.append(measure(shape, layers, args.rounds, args.steps, compiled, not args.eager_optimizer,
+                                   methods, args.device, args.cuda_graphs and compiled))
             text = report(results)
             print(text.split("## ")[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "host_overhead" + ("_compiled" if args.compiled_only else "") + ("_eager_optimizer" if args.eager_optimizer else "")
+    name = ("host_overhead" + ("_compiled" if args.compiled_only else "") + ("_eager_optimizer" if args.eager_optimizer else "")
+            + ("_cuda_graphs" if args.cuda_graphs else ""))
     (args.out / f"{name}.md").write_text(text)
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=1))
     print(f"written: {args.out / name}.md")

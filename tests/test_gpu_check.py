@@ -16,8 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STAGES = ["install", "environment", "headline", "cuda_ext", "kernel_tests", "full_tests", "compile_gate",
-          "kernel_bench", "profile"]
+STAGES = ["install", "environment", "headline", "cuda_ext", "kernel_tests", "host_overhead", "full_tests",
+          "compile_gate", "kernel_bench", "profile"]
 # What the dry run may change in a real command: (real tokens, dry tokens). Anything else that
 # differs between the two plans is drift.
 SWAPS = {
@@ -31,6 +31,8 @@ SWAPS = {
     ((".whl/minilm-l6",), ("tiny-bert",)),
     ((), ("--dry-run", "--rounds", "1", "--steps", "1", "--warmup", "1")),  # headline: CPU, tiny models
     (("bert-base",), ("tiny-bert",)), (("5",), ("1",)),      # profile: --model, --steps
+    ((), ("--layers", "2", "--rounds", "1", "--steps", "1")),  # host_overhead: smaller
+    (("frozen,hifi,lora-qv",), ("frozen,hifi",)),           # host_overhead compiled: fewer compiles
 }
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -100,6 +102,8 @@ def test_dry_run_walks_every_stage(tmp_path):
     assert headline.count("| hifi |") == 3 and "hifi/frozen" in headline  # the three dry-run cells
     assert (out / "headline.csv").read_text().count(",hifi,") == 3
     assert "stages.log" in proc.stdout and lines[-1] in proc.stdout  # printed at the end
+    host = (out / "kernels_profile.md").read_text()
+    assert host.count("hifi - frozen, forward + backward") == 3 and 'mode="reduce-overhead"' in host  # 2 eager, 1 compiled
 
 
 def test_bench_run_refuses_an_unknown_model_before_any_work():
