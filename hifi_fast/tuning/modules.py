@@ -54,6 +54,7 @@ _compact_modules: weakref.WeakSet = weakref.WeakSet()
 # (``_cache_call_args``), removed or garbage-collected. The modules are held weakly and the plan by a
 # weak key, so neither the optimizer nor the plan keeps a model alive.
 _write_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_watched_modules: weakref.WeakSet = weakref.WeakSet()  # those whose collection forgets the plans
 
 
 def _forget_write_plans(*_) -> None:
@@ -175,8 +176,9 @@ class HeadSliceMixin:
                     values.append(self.hifi_bias.detach().narrow(0, offset, length))
                 offset += length
             self.hifi_copies = (weight, targets, values)
-            if self not in _compact_modules:
+            if self not in _watched_modules:  # once per module, however often it is patched
                 weakref.finalize(self, _forget_write_plans)
+                _watched_modules.add(self)
             _compact_modules.add(self)
         _forget_write_plans()
 
