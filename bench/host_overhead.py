@@ -9,8 +9,9 @@ gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tu
 - leaf ops per step, counted by the profiler (views and metadata ops left out): forward + backward,
   and the optimizer step apart. Deterministic: no noise;
 - host milliseconds per step (zero_grad, forward, backward, AdamW step: fused, or foreach where it
-  is compiled; the CPU time of the one thread that runs it, garbage collection paused): the methods
-  run in interleaved rounds, each round's median step per method, and ratios paired round by round;
+  is compiled; the CPU time of the one thread that runs it, garbage collection paused): each method
+  in a process of its own (no dynamo cache shared between models), the processes taking turns
+  round by round, each round's median step per method, and ratios paired round by round;
 - the same with ``torch.compile`` of the model and of the optimizer step (``--compiled``; 4 layers,
   compiling costs minutes here), with the graph breaks and recompiles seen while timing.
 
@@ -25,9 +26,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
 import platform
 import statistics
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -144,38 +147,72 @@ def trained_projections(model: torch.nn.Module) -> int:
     return sum(isinstance(m, hifi_fast.tuning.modules.HeadSliceMixin) for m in model.modules())
 
 
-def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool,
-            methods: tuple[str, ...] = METHODS, device: str = "cpu", cuda_graphs: bool = False) -> dict:
+def _worker(conn, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool, device: str,
+            cuda_graphs: bool) -> None:
+    """One method in a process of its own: set up, warm up (compile), count ops, then time ``n``
+    steps whenever the parent sends ``n`` (``None``: stop), sending back the round's median."""
     from torch._dynamo.utils import counters
 
-    # ``optimizer.step`` is one function compiled anew for each optimizer (its guards name the
-    # object): ten optimizers would pass dynamo's default limit of 8 and the last run eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    runs = [Run(shape, method, layers, compiled, compile_optimizer, device, cuda_graphs) for method in methods]
-    for run in runs:  # warm-up (and compilation)
-        for _ in range(3):
+    try:
+        torch.set_num_threads(1)
+        run = Run(shape, method, layers, compiled, compile_optimizer, device, cuda_graphs)
+        for _ in range(3):  # warm-up (and compilation)
             run.step()
-    ops = {run.method: {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer_step)}
-           for run in runs}
-    breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
-    times: dict[str, list[float]] = {run.method: [] for run in runs}
-    gc.collect()
-    gc.disable()  # a collection inside a timed step would land on whichever method ran then
+        ops = {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer_step)}
+        breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+        conn.send({"ops": ops, "trained_projections": trained_projections(run.model),
+                   "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
+        gc.collect()
+        gc.disable()  # a collection inside a timed step would land on whichever method ran then
+        while (steps := conn.recv()) is not None:
+            conn.send(statistics.median(timed_steps(run, steps)))
+        conn.send({"graph_breaks": sum(counters["graph_break"].values()) - breaks,
+                   "recompiles": counters["stats"]["unique_graphs"] - graphs})
+    except Exception:  # noqa: BLE001 - the parent raises it, with this traceback
+        conn.send({"error": traceback.format_exc()})
+
+
+def _receive(conn, method: str):
+    message = conn.recv()
+    if isinstance(message, dict) and "error" in message:
+        raise RuntimeError(f"{method}: the benchmark process failed:\n{message['error']}")
+    return message
+
+
+def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, compile_optimizer: bool,
+            methods: tuple[str, ...] = METHODS, device: str = "cpu", cuda_graphs: bool = False) -> dict:
+    """Each method runs in a process of its own (dynamo's caches are per process and per code
+    object: models of one class compiled in one process share entries, and one model's graph
+    breaks leave frames the others then enter), the rounds interleaved through pipes."""
+    context = multiprocessing.get_context("spawn")
+    workers = {}
+    for method in methods:
+        conn, child = context.Pipe()
+        process = context.Process(target=_worker, daemon=True,
+                                  args=(child, shape, method, layers, compiled, compile_optimizer, device, cuda_graphs))
+        process.start()
+        workers[method] = conn, process
+    setup = {method: _receive(conn, method) for method, (conn, _) in workers.items()}
+    times: dict[str, list[float]] = {method: [] for method in methods}
     for round_index in range(rounds):
-        order = runs if round_index % 2 == 0 else runs[::-1]  # no method always runs first
-        for run in order:
-            times[run.method].append(statistics.median(timed_steps(run, steps)))
-    gc.enable()
-    hifi = next(r for r in runs if r.method == "hifi")
+        order = methods if round_index % 2 == 0 else methods[::-1]  # no method always runs first
+        for method in order:
+            workers[method][0].send(steps)
+            times[method].append(_receive(workers[method][0], method))
+    after = {}
+    for method, (conn, process) in workers.items():
+        conn.send(None)
+        after[method] = _receive(conn, method)
+        process.join()
     return {
         "shape": shape, "layers": layers, "compiled": compiled, "compiled_optimizer": compiled and compile_optimizer,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "cuda_graphs": cuda_graphs,
+        "device": setup["hifi"]["device"], "cuda_graphs": cuda_graphs,
         "rounds": rounds, "steps_per_round": steps,
-        "trained_projections": trained_projections(hifi.model),
-        "graph_breaks_while_timing": sum(counters["graph_break"].values()) - breaks,
-        "recompiles_while_timing": counters["stats"]["unique_graphs"] - graphs,
-        "ops": {m: {phase: sum(c.values()) for phase, c in o.items()} for m, o in ops.items()},
-        "op_names": ops,
+        "trained_projections": setup["hifi"]["trained_projections"],
+        "graph_breaks_while_timing": sum(a["graph_breaks"] for a in after.values()),
+        "recompiles_while_timing": sum(a["recompiles"] for a in after.values()),
+        "ops": {m: {phase: sum(c.values()) for phase, c in setup[m]["ops"].items()} for m in methods},
+        "op_names": {m: setup[m]["ops"] for m in methods},
         "ms": times,
     }
 
