@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help="frozen and hifi at least")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method per round")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per method per round (default 5 eager, 25 compiled: a compiled step "
+                             "is short, and a round must outlast the machine's bursts of noise)")
     parser.add_argument("--compiled", action="store_true", help="also torch.compile'd (4 layers)")
     parser.add_argument("--compiled-only", action="store_true")
     parser.add_argument("--eager-optimizer", action="store_true", help="compiled: leave the optimizer step eager")
@@ -290,7 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for layers, compiled in modes:
         for shape in args.shapes.split(","):
-            results.append(measure(shape, layers, args.rounds, args.steps, compiled, not args.eager_optimizer,
+            steps = args.steps or (25 if compiled else 5)
+            results.append(measure(shape, layers, args.rounds, steps, compiled, not args.eager_optimizer,
                                    methods, args.device, args.cuda_graphs and compiled))
             text = report(results)
             print(text.split("## ")[-1], flush=True)
