@@ -41,8 +41,7 @@ except ImportError:  # torch built without distributed support
 from ..adapters import COLS, ROWS, ProjectionSlice, attention_layers, slice_dim
 from ..backends import backend_name
 from ..ops import feature_index
-from .sparse_head_linear import (HeadSliceLinearFunction, SliceIndex, SlicePlan, apply_eagerly, eager_slice_grads, runs_of,
-                                 sparse_head_linear)
+from .sparse_head_linear import SliceIndex, SlicePlan, apply_eagerly, eager_slice_grads, runs_of, sparse_head_linear
 
 # Compact slices are written into their weights right after every optimizer step (fused optimizers
 # do not even bump the slices' version counters): once per step, in one pass, rather than checked and
@@ -92,8 +91,7 @@ def _write_compact_slices(optimizer, args, kwargs) -> None:
     with torch.no_grad():
         torch._foreach_copy_(plan[2], plan[3])
     for module in modules:
-        slices = module.hifi_slices
-        module.hifi_synced = slices[0]._version, slices[-1]._version
+        module.hifi_synced = module.slice_state()
 
 
 register_optimizer_step_post_hook(_write_compact_slices)
@@ -289,10 +287,8 @@ class HeadSliceMixin:
             # Compiled graphs neither check (they cannot guard on version counters) nor write: a
             # write into the weight inside a graph is an input mutation, which AOTAutograd turns into
             # copies of the whole weight. The write after each optimizer step is all they need.
-            if not torch.is_grad_enabled():
-                return F.linear(x, weight, bias)
-            return HeadSliceLinearFunction.apply(x, weight, bias, self.hifi_plan, self.hifi_indices, *slices)
-        if self.hifi_plan.view is None and self.hifi_synced != (slices[0]._version, slices[-1]._version):
+            return sparse_head_linear(x, weight, bias, slices, self.hifi_plan, self.hifi_indices)
+        if self.hifi_plan.view is None and self.hifi_synced != self.slice_state():
             self.sync_slices()
         if not torch.is_grad_enabled():
             return F.linear(x, weight, bias)

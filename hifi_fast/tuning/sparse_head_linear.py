@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -67,26 +68,8 @@ class SliceIndex(NamedTuple):
     backend: str
 
 
-def _compact_grad(plan: SlicePlan, grad_out, x, blocks, index, backend):
-    """The compact slice's gradients: the PyTorch form on CPU (traced inline when compiling), else
-    the device's backend (one launch; as a custom op when compiling)."""
-    if torch.compiler.is_compiling():  # None: the custom ops, which dispatch when the graph runs
-        backend = torch_ops if grad_out.device.type == "cpu" else None
-    else:
-        backend = load(backend)
-    if backend is torch_ops:
-        if plan.sliced == COLS:
-            return _index_cols_grads(index, grad_out, x)
-        return _index_rows_grads(index, plan.with_bias, grad_out, x)
-    if plan.sliced == COLS:
-        run = torch.ops.hifi_fast.head_cols_grad if backend is None else backend.head_cols_grad
-        return _backend_cols_grads(run, blocks, plan.block_size, grad_out, x)
-    run = torch.ops.hifi_fast.head_rows_grad if backend is None else backend.head_rows_grad
-    return _backend_rows_grads(run, blocks, plan.block_size, plan.with_bias, grad_out, x)
-
-
 # The slice gradients of each kind of plan, from 2-D ``grad_out`` and ``x`` in one dtype; the fixed
-# arguments first, so that ``eager_slice_grads`` binds them once at patch time.
+# arguments first, so that the eager path binds them once at patch time (``eager_slice_grads``).
 def _run_rows_grads(start: int, length: int, with_bias: bool, grad_out, x):
     grad_rows = grad_out.narrow(1, start, length)
     grad_weight = torch.mm(grad_rows.t(), x)
@@ -111,6 +94,21 @@ def _backend_cols_grads(run, blocks, block_size: int, grad_out, x):
     return (run(grad_out, x, blocks, block_size),)
 
 
+def _grads_for(plan: SlicePlan, blocks: torch.Tensor, index: torch.Tensor, backend) -> Callable:
+    """The slice-gradient function of ``plan`` as a ``partial`` of 2-D ``(grad_out, x)``: a GEMM on a
+    view for one run of rows; for a compact slice, the PyTorch form (``index_select`` + GEMM) or one
+    call of ``backend``'s op (one launch on a GPU)."""
+    if plan.view is not None:
+        return partial(_run_rows_grads, *plan.view, plan.with_bias)
+    if backend is torch_ops:
+        if plan.sliced == COLS:
+            return partial(_index_cols_grads, index)
+        return partial(_index_rows_grads, index, plan.with_bias)
+    if plan.sliced == COLS:
+        return partial(_backend_cols_grads, backend.head_cols_grad, blocks, plan.block_size)
+    return partial(_backend_rows_grads, backend.head_rows_grad, blocks, plan.block_size, plan.with_bias)
+
+
 def _as_2d(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``grad_out`` and ``x`` as ``[N, features]``, ``x`` in the gradient's dtype: under autocast the
     saved input keeps its own dtype while the gradient is in the autocast dtype; the slice gradients
@@ -124,26 +122,19 @@ def _as_2d(grad_out: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch
 def slice_grads(plan: SlicePlan, grad_out: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor,
                 index: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
     """The gradient of the weight slice (and of the bias slice) from ``grad_out [..., d_out]`` and
-    the projection's input ``x [..., d_in]``."""
-    grad_out, x = _as_2d(grad_out, x)
-    if plan.view is None:
-        return _compact_grad(plan, grad_out, x, blocks, index, backend)
-    return _run_rows_grads(*plan.view, plan.with_bias, grad_out, x)
+    the projection's input ``x [..., d_in]``. Compiling, a CPU graph traces the PyTorch form inline
+    and a GPU graph calls the custom ops, which dispatch to the backend when the graph runs."""
+    if torch.compiler.is_compiling():
+        module = torch_ops if grad_out.device.type == "cpu" else _CUSTOM_OPS
+    else:
+        module = load(backend)
+    return _grads_for(plan, blocks, index, module)(*_as_2d(grad_out, x))
 
 
 def eager_slice_grads(plan: SlicePlan, indices: SliceIndex) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """``slice_grads`` of ``plan`` on ``indices``' device with every choice made now (the branch,
-    the backend, the fixed arguments): a ``partial`` of 2-D ``(grad_out, x)`` for the eager path."""
-    if plan.view is not None:
-        return partial(_run_rows_grads, *plan.view, plan.with_bias)
-    backend = load(indices.backend)
-    if backend is torch_ops:
-        if plan.sliced == COLS:
-            return partial(_index_cols_grads, indices.index)
-        return partial(_index_rows_grads, indices.index, plan.with_bias)
-    if plan.sliced == COLS:
-        return partial(_backend_cols_grads, backend.head_cols_grad, indices.blocks, plan.block_size)
-    return partial(_backend_rows_grads, backend.head_rows_grad, indices.blocks, plan.block_size, plan.with_bias)
+    the backend, the fixed arguments), for the eager path."""
+    return _grads_for(plan, indices.blocks, indices.index, load(indices.backend))
 
 
 def merged(weight: torch.Tensor, bias: torch.Tensor | None, plan: SlicePlan, index: torch.Tensor,
@@ -276,3 +267,8 @@ def head_cols_grad(grad_out: torch.Tensor, inp: torch.Tensor, blocks: torch.Tens
 @head_cols_grad.register_fake
 def _(grad_out, inp, blocks, block_size):
     return grad_out.new_empty(grad_out.shape[1], blocks.shape[0] * block_size)
+
+
+# What compiled graphs on a GPU call for a compact slice's gradient (``slice_grads``).
+_CUSTOM_OPS = SimpleNamespace(head_rows_grad=torch.ops.hifi_fast.head_rows_grad,
+                              head_cols_grad=torch.ops.hifi_fast.head_cols_grad)
