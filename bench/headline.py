@@ -30,6 +30,8 @@ import torch
 import hifi_fast
 from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
 
+from .timing import step_times
+
 METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
 FIELDS = ["cell", "method", "mode", "step_ms_p50", "step_ms_p20", "step_ms_p80", "tokens_per_s", "peak_gib",
           "trainable_params", "steps", "status"]
@@ -137,29 +139,6 @@ def apply(method: str, base: torch.nn.Module, kind: str) -> Applied:
     return Applied(base, lambda: (base.disable_input_require_grads(), restore()))
 
 
-class Timer:
-    """Milliseconds of whole steps: CUDA events on a GPU, the wall clock on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def run(self, step, count: int) -> list[float]:
-        if not self.cuda:
-            times = []
-            for _ in range(count):
-                start = time.perf_counter()
-                step()
-                times.append((time.perf_counter() - start) * 1e3)
-            return times
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(count + 1)]
-        events[0].record()
-        for index in range(count):
-            step()
-            events[index + 1].record()
-        torch.cuda.synchronize()
-        return [a.elapsed_time(b) for a, b in zip(events, events[1:])]
-
-
 def measure(cell: Cell, base, batch, method: str, device, steps: int, warmup: int, first: bool) -> dict:
     cuda = device.type == "cuda"
     if cuda and first:
@@ -180,8 +159,8 @@ def measure(cell: Cell, base, batch, method: str, device, steps: int, warmup: in
             if optimizer is not None:
                 optimizer.step()
 
-        Timer(device).run(step, max(warmup, 3) if cell.compiled else warmup)  # compiled: the first calls compile
-        times = Timer(device).run(step, steps)
+        step_times(step, max(warmup, 3) if cell.compiled else warmup, device)  # compiled: the first calls compile
+        times = step_times(step, steps, device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda and first else None
         return {"times": times, "peak_gib": peak, "trainable": sum(p.numel() for p in params)}
     finally:

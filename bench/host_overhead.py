@@ -39,6 +39,8 @@ from torch.profiler import ProfilerActivity, profile
 import hifi_fast
 from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everything
 
+from .timing import step_times
+
 METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
 SHAPES = ("llama", "bert")
 # Ops that only make views or read metadata: no launch on a GPU.
@@ -79,7 +81,7 @@ class Run:
 
     def __init__(self, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool = True,
                  device: str = "cpu", cuda_graphs: bool = False) -> None:
-        self.method, self.cuda_graphs = method, cuda_graphs
+        self.cuda_graphs = cuda_graphs
         self.model = prepare(build_model(shape, layers), method).to(device).train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         # A compiled step compiles the foreach AdamW (inductor fuses it); dynamo does not trace the
@@ -102,25 +104,6 @@ class Run:
     def step(self) -> None:
         self.forward_backward()
         self.optimizer_step()
-
-
-def timed_steps(run: Run, steps: int) -> list[float]:
-    """Milliseconds of each of ``steps`` steps: CPU time of this thread, or on a GPU the time
-    between CUDA events around the step (synchronised once, after the last)."""
-    if next(run.model.parameters()).device.type != "cuda":
-        samples = []
-        for _ in range(steps):
-            start = time.thread_time()
-            run.step()
-            samples.append((time.thread_time() - start) * 1e3)
-        return samples
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
-    for start, end in events:
-        start.record()
-        run.step()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in events]
 
 
 def _is_compute(event) -> bool:
@@ -165,7 +148,8 @@ def _worker(conn, shape: str, method: str, layers: int, compiled: bool, compile_
         gc.collect()
         gc.disable()  # a collection inside a timed step would land on whichever method ran then
         while (steps := conn.recv()) is not None:
-            conn.send(statistics.median(timed_steps(run, steps)))
+            # CPU: the thread's CPU time, which is the host's work (a GPU: CUDA events)
+            conn.send(statistics.median(step_times(run.step, steps, torch.device(device), time.thread_time)))
         conn.send({"graph_breaks": sum(counters["graph_break"].values()) - breaks,
                    "recompiles": counters["stats"]["unique_graphs"] - graphs})
     except Exception:  # noqa: BLE001 - the parent raises it, with this traceback
