@@ -164,6 +164,42 @@ def test_save_load_round_trip(family, tmp_path):
         assert torch.equal(model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_trained_tied_lm_head_saves_loads_and_swaps(family, tmp_path):
+    """A tied LM head is one tensor with its embedding: ``named_parameters`` lists it once, under the
+    embedding's name, and checkpoint, load and swap name it so too."""
+    make = (lambda: decoder(family)) if family == "gpt2" else (
+        lambda: LlamaForCausalLM(LlamaConfig(**DECODER, tie_word_embeddings=True)).eval())
+    torch.manual_seed(0)
+    model = hifi_fast.patch(make(), hifi_fast.HeadSelection(SELECTION), modules_to_save=["lm_head"])
+    assert model.lm_head.weight is model.get_input_embeddings().weight and model.lm_head.weight.requires_grad
+    _train(model, steps=3)
+    hifi_fast.save(model, tmp_path)
+    ids = counting(3, seed=7)
+    torch.manual_seed(0)
+    loaded = hifi_fast.load(make(), tmp_path).eval()
+    torch.manual_seed(0)
+    swapped = hifi_fast.swap(make(), tmp_path).eval()
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, want) and torch.equal(swapped(input_ids=ids).logits, want)
+
+
+def test_scoring_passes_a_batchs_position_ids_on():
+    """GPT-2's positions are absolute: a left-padded batch scores as the unpadded one only with its
+    ``position_ids`` (as generation derives them from the mask)."""
+    model = decoder("gpt2")
+    ids = counting(2)
+    plain = hifi_fast.score_heads(model, [{"input_ids": ids}])
+    padded = torch.cat([torch.zeros(2, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(2, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    shifted = hifi_fast.score_heads(model, [{"input_ids": padded, "attention_mask": mask}])
+    assert not torch.allclose(shifted.richness, plain.richness, rtol=1e-4, atol=0)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    given = hifi_fast.score_heads(model, [{"input_ids": padded, "attention_mask": mask, "position_ids": positions}])
+    torch.testing.assert_close(given.richness, plain.richness, rtol=1e-7, atol=1e-9)
+
+
 def _lm_dataset(n: int = 32):
     return [{"input_ids": row.tolist()} for row in counting(n, seed=3)]
 

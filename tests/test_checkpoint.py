@@ -44,6 +44,27 @@ def test_checkpoint_is_small_and_holds_only_slices_and_task_head(tmp_path):
     assert config["selection"]["heads"] == {"0": [1], "2": [0, 3]} and config["dtype"] == "float32"
 
 
+def test_checkpoint_files_are_as_readable_as_new_files(tmp_path):
+    """``open`` permissions under the process's umask (a temporary file's are owner-only)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    hifi_fast.save(trained_model("bert", SELECTION["bert"]), tmp_path)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_checkpoint_holds_slices_and_task_head_whatever_requires_grad_says_since(tmp_path):
+    """Freezing the task head, or unfreezing a LayerNorm, after ``patch`` changes what the optimizer
+    sees, not what a checkpoint of the patch holds: it still loads."""
+    model = trained_model("bert", SELECTION["bert"])
+    model.classifier.requires_grad_(False)
+    model.bert.embeddings.LayerNorm.requires_grad_(True)
+    hifi_fast.save(model, tmp_path)
+    fresh = hifi_fast.load(tiny_model("bert"), tmp_path)
+    batch = tiny_batch(seed=7)
+    assert torch.equal(_logits(fresh, batch), _logits(model, batch))
+
+
 def test_unpatched_model_round_trips_through_save_pretrained(family, tmp_path):
     model = trained_model(family, SELECTION[family])
     batch = tiny_batch(seed=3)

@@ -43,7 +43,12 @@ def unchanged(model, directory=None):
         ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.zeros(2, 5, dtype=torch.long)}], "batch 0 is all padding"),
         ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.tensor([[1] * 5, [0] * 5])}], r"examples \[1\] are all padding"),
         ([{"attention_mask": torch.ones(2, 5)}], "must be a dict with 'input_ids'"),
-        ([{"input_ids": torch.ones(5, dtype=torch.long)}], r"must be \[batch, tokens\]"),
+        ([{"input_ids": torch.ones(5, dtype=torch.long)}], r"must be integer token ids \[batch, tokens\], got \(5,\)"),
+        ([{"input_ids": torch.ones(2, 5)}], r"must be integer token ids \[batch, tokens\], got \(2, 5\) torch.float32"),
+        ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 1, 5)}],
+         r"attention_mask must have input_ids' shape \(2, 5\), got \(2, 1, 5\)"),
+        ([{"input_ids": torch.ones(2, 5, dtype=torch.long), "position_ids": torch.arange(5)}],
+         r"position_ids must have input_ids' shape \(2, 5\), got \(5,\)"),
     ],
 )
 def test_bad_scoring_input(batches, message):
@@ -98,6 +103,8 @@ def test_k_beyond_the_model_or_budget_is_refused():
         hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=6))
     with pytest.raises(ValueError, match=r"trainable_param_budget=399 is below one head per layer \(4 layers x 100"):
         hifi_fast.select_heads(random_scores(), hifi_fast.HiFiConfig(score="pagerank", trainable_param_budget=399))
+    with pytest.raises(ValueError, match=r"trainable_param_budget needs the parameters one head costs.*params_per_head=0"):
+        hifi_fast.select_heads(random_scores(params_per_head=0), hifi_fast.HiFiConfig(score="pagerank", trainable_param_budget=10**6))
 
 
 @pytest.mark.parametrize(
@@ -147,12 +154,41 @@ def test_patch_twice_and_unpatch_unpatched():
         ((hifi_fast.HiFiConfig(score="pagerank"),), {}, ValueError, "score=.pagerank. needs scoring batches .batches=...."),
         ((hifi_fast.HeadSelection({0: [1]}),), {"modules_to_save": ["nope"]}, ValueError, r"modules_to_save names \['nope'\]"),
         ((hifi_fast.HiFiConfig(score="pagerank", heads_per_layer=5),), {"batches": [tiny_batch()]}, ValueError, "heads_per_layer=5 exceeds the model's 4 heads"),
+        ((hifi_fast.HeadSelection({0: [1]}),), {"master_dtype": "float32"}, TypeError,
+         "master_dtype must be a floating torch.dtype .e.g. torch.float32. or None, got 'float32'"),
+        ((hifi_fast.HeadSelection({0: [1]}),), {"master_dtype": torch.int8}, TypeError, "got torch.int8"),
     ],
 )
 def test_bad_patch_arguments(args, kwargs, error, message):
     model = tiny_model("bert")
     with unchanged(model), pytest.raises(error, match=message):
         hifi_fast.patch(model, *args, **kwargs)
+
+
+def test_a_patch_that_fails_midway_leaves_the_model_as_it_was(monkeypatch):
+    """E.g. out of memory for the third projection's compact slices: the two converted before are
+    converted back and every ``requires_grad`` flag is as it was; the model can be patched again."""
+    from hifi_fast.tuning.modules import HeadSliceMixin
+
+    attach, calls = HeadSliceMixin.attach_slices, []
+
+    def third_fails(module, *args):
+        calls.append(module)
+        attach(module, *args)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("out of memory (simulated)")
+
+    model = tiny_model("bert")
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    monkeypatch.setattr(HeadSliceMixin, "attach_slices", third_fails)
+    with unchanged(model), pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        hifi_fast.patch(model, hifi_fast.HeadSelection(SELECTION))
+    assert len(calls) == 3
+    assert not any(isinstance(m, HeadSliceMixin) or any("hifi" in n for n, _ in m.named_parameters(recurse=False))
+                   or any("hifi" in n for n, _ in m.named_buffers(recurse=False)) for m in model.modules())
+    monkeypatch.undo()
+    hifi_fast.patch(model, hifi_fast.HeadSelection(SELECTION))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} >= {"bert.encoder.layer.0.attention.self.query.hifi_weight"}
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -199,6 +235,36 @@ def test_load_refuses_damaged_checkpoints(checkpoint):
     (checkpoint / CONFIG_NAME).write_text('{"format_version": 99}')
     _refused(tiny_model("bert"), checkpoint, "is not a hifi_fast checkpoint of format 1")
     _refused(tiny_model("bert"), checkpoint / "nowhere", "hifi_config.json is missing", FileNotFoundError)
+
+
+@pytest.mark.parametrize("key", ["base_fingerprint", "modules_to_save", "selection"])
+def test_load_refuses_a_config_without_what_it_needs(checkpoint, key):
+    config = json.loads((checkpoint / CONFIG_NAME).read_text())
+    del config[key]
+    (checkpoint / CONFIG_NAME).write_text(json.dumps(config))
+    _refused(tiny_model("bert"), checkpoint, f"hifi_config.json is damaged: it has no {key}")
+    with unchanged(tiny_model("bert"), checkpoint), pytest.raises(CheckpointMismatchError, match=f"it has no {key}"):
+        hifi_fast.swap(tiny_model("bert"), checkpoint)
+
+
+def test_load_refuses_a_master_dtype_that_is_no_dtype(checkpoint):
+    config = json.loads((checkpoint / CONFIG_NAME).read_text())
+    config["master_dtype"] = "Tensor"
+    (checkpoint / CONFIG_NAME).write_text(json.dumps(config))
+    _refused(tiny_model("bert"), checkpoint, "is damaged: master_dtype 'Tensor' is not a torch dtype")
+
+
+def test_save_refuses_a_model_cast_since_patching(tmp_path):
+    """Its base weights no longer match the fingerprint taken when it was patched: no model could load
+    the checkpoint. Cast back, it saves, and the checkpoint loads."""
+    model = trained_model("bert", SELECTION).to(torch.bfloat16)
+    with unchanged(model), pytest.raises(ValueError, match=r"patched in float32 and cast to bfloat16 since.*"
+                                         r"model.to\(torch.float32\)"):
+        hifi_fast.save(model, tmp_path)
+    assert not any(tmp_path.iterdir())
+    hifi_fast.save(model.float(), tmp_path)
+    loaded = hifi_fast.load(tiny_model("bert"), tmp_path)
+    assert torch.equal(loaded.classifier.weight, model.classifier.weight)
 
 
 def test_selection_that_does_not_fit_the_weights_file(checkpoint):

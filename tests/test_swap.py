@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hifi_fast
-from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, _trainable_tensors, expected_tensors
+from hifi_fast.storing.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointMismatchError, expected_tensors
 from hifi_fast.storing.swap import SWAP_ATTR, SwapStateError
 from conftest import tiny_batch, tiny_model, trained_model
 from test_errors import unchanged as unchanged_model
@@ -139,7 +139,7 @@ def test_expected_tensors_are_what_patch_makes_trainable(family):
     model = tiny_model(family)
     selection = hifi_fast.HeadSelection(SELECTION_A)
     expected = expected_tensors(model, selection, None)
-    trainable = _trainable_tensors(hifi_fast.patch(tiny_model(family), selection))
+    trainable = {n: p for n, p in hifi_fast.patch(tiny_model(family), selection).named_parameters() if p.requires_grad}
     assert {k: (v.shape, v.dtype) for k, v in expected.items()} == {k: (v.shape, v.dtype) for k, v in trainable.items()}
 
 

@@ -44,9 +44,7 @@ def train(family: str, master: bool) -> dict[str, torch.Tensor]:
         optimizer.zero_grad()
         model(**tiny_batch(seed=step)).loss.backward()
         optimizer.step()
-    from hifi_fast.storing.checkpoint import _trainable_tensors
-
-    return _trainable_tensors(model)
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _name(family: str, master: bool) -> Path:

@@ -11,7 +11,7 @@ from torch import nn
 from ..adapters import DECODER_MASK, get_adapter
 
 IGNORE_INDEX = -100  # the label no loss is taken on
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 PIXEL_VALUES = "pixel_values"
 
 
@@ -45,9 +45,14 @@ def _model_inputs(batch: dict, device: torch.device, index: int, limit: int, inp
     if input_key == PIXEL_VALUES:
         return {PIXEL_VALUES: _pixel_values(batch[PIXEL_VALUES], index, limit).to(device, non_blocking=True)}
     inputs = {k: torch.as_tensor(batch[k])[:limit] for k in MODEL_INPUTS if k in batch}
-    if inputs["input_ids"].dim() != 2:
-        raise ValueError(f"scoring batch {index}: input_ids must be [batch, tokens], got {tuple(inputs['input_ids'].shape)}")
+    if inputs["input_ids"].dim() != 2 or inputs["input_ids"].is_floating_point():
+        raise ValueError(f"scoring batch {index}: input_ids must be integer token ids [batch, tokens], got "
+                         f"{tuple(inputs['input_ids'].shape)} {inputs['input_ids'].dtype}")
     inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
+    for key, value in inputs.items():
+        if value.shape != inputs["input_ids"].shape:
+            raise ValueError(f"scoring batch {index}: {key} must have input_ids' shape "
+                             f"{tuple(inputs['input_ids'].shape)}, got {tuple(value.shape)}")
     _check_mask(inputs["attention_mask"], index)
     if decoder is not None:
         inputs.update(_decoder_inputs(decoder, batch, inputs, index, limit))

@@ -52,6 +52,11 @@ def resolve_heads_per_layer(num_layers: int, num_heads: int, params_per_head: in
         if k > num_heads:
             raise ValueError(f"heads_per_layer={k} exceeds the model's {num_heads} heads per layer")
         return k
+    if params_per_head <= 0:
+        raise ValueError(
+            f"trainable_param_budget needs the parameters one head costs, which these scores do not hold "
+            f"(params_per_head={params_per_head}): use scores from hifi_fast.score_heads, or set heads_per_layer"
+        )
     k = min(num_heads, config.trainable_param_budget // (num_layers * params_per_head))
     if k < 1:
         raise ValueError(

@@ -16,14 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load as deserialize
 from safetensors.torch import save as serialize
 from torch import nn
 
 from .._version import __version__
 from ..adapters import ROWS, attention_layers, get_adapter, slice_dim
 from ..heads import HeadSelection
-from ..tuning.modules import whole_tensor
+from ..tuning.modules import SLICE_PARAMS, whole_tensor
 from ..tuning.patching import (
     STATE_ATTR, fingerprint_version, is_patched, patch_selection, plan_slices, resolve_modules_to_save, unpatch,
     weights_fingerprint,
@@ -33,6 +34,7 @@ from .files import atomic_write
 CONFIG_NAME = "hifi_config.json"
 WEIGHTS_NAME = "hifi_weights.safetensors"
 FORMAT_VERSION = 1
+REQUIRED_KEYS = ("base_fingerprint", "modules_to_save", "selection")
 
 
 class CheckpointMismatchError(ValueError):
@@ -49,13 +51,28 @@ def _model_identity(model: nn.Module) -> dict:
         "num_heads": layers[0].num_heads,
         "num_kv_heads": layers[0].num_kv_heads,
         "head_dim": layers[0].head_dim,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "dtype": _dtype_name(next(model.parameters()).dtype),
     }
 
 
-def _trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable tensors by name; FSDP2 shards are gathered whole (so every rank must call)."""
-    return {name: whole_tensor(p).detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tensor_names(model: nn.Module) -> dict[int, str]:
+    """Each parameter's name in a checkpoint: the first ``named_parameters`` gives it (a tied weight,
+    e.g. a causal LM's ``lm_head`` and its embedding, is one tensor under one name)."""
+    return {id(param): name for name, param in model.named_parameters()}
+
+
+def _checkpoint_tensors(model: nn.Module, modules_to_save: list[str]) -> dict[str, torch.Tensor]:
+    """What a checkpoint of the patched ``model`` holds, by name: the slices and the parameters of
+    ``modules_to_save``, whatever their ``requires_grad`` says now; FSDP2 shards are gathered whole
+    (so every rank must call)."""
+    modules = dict(model.named_modules())
+    saved = {id(param) for name in modules_to_save for param in modules[name].parameters()}
+    return {name: whole_tensor(p).detach().contiguous() for name, p in model.named_parameters()
+            if id(p) in saved or name.rsplit(".", 1)[-1] in SLICE_PARAMS}
 
 
 def save(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -67,18 +84,28 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise ValueError("save: model is not patched by hifi_fast (call hifi_fast.patch first)")
+    identity = _model_identity(model)
+    base_dtype = state.base_dtype and _dtype_name(state.base_dtype)
+    if base_dtype and identity["dtype"] != base_dtype:
+        raise ValueError(
+            f"save: the model was patched in {base_dtype} and cast to {identity['dtype']} since, so no model "
+            f"could load this checkpoint (its base weights are checked as they were when patched). Cast it "
+            f"back (model.to(torch.{base_dtype})) and save, or cast before patching (HiFiConfig(master_dtype=...) "
+            "keeps the slices in a wider dtype)"
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "format_version": FORMAT_VERSION,
         "hifi_fast_version": __version__,
-        **_model_identity(model),
+        **identity,
         "base_fingerprint": state.base_fingerprint,
         "modules_to_save": state.modules_to_save,
-        "master_dtype": None if state.master_dtype is None else str(state.master_dtype).replace("torch.", ""),
+        "master_dtype": state.master_dtype and _dtype_name(state.master_dtype),
         "selection": state.selection.to_dict(),
     }
-    weights = serialize({name: t.cpu() for name, t in _trainable_tensors(model).items()}, metadata={"format": "pt"})
+    tensors = _checkpoint_tensors(model, state.modules_to_save)
+    weights = serialize({name: t.cpu() for name, t in tensors.items()}, metadata={"format": "pt"})
     config["weights_sha256"] = hashlib.sha256(weights).hexdigest()
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(weights))
     atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
@@ -96,7 +123,18 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise CheckpointMismatchError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(config, dict) or config.get("format_version") != FORMAT_VERSION:
         raise CheckpointMismatchError(f"{path} is not a hifi_fast checkpoint of format {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise CheckpointMismatchError(f"{path} is damaged: it has no {', '.join(missing)}")
+    master = config.get("master_dtype")
+    if master is not None and not isinstance(getattr(torch, str(master), None), torch.dtype):
+        raise CheckpointMismatchError(f"{path} is damaged: master_dtype {master!r} is not a torch dtype")
     return config
+
+
+def _master_dtype(config: dict) -> torch.dtype | None:
+    master = config.get("master_dtype")
+    return None if master is None else getattr(torch, master)
 
 
 def check_identity(
@@ -126,17 +164,11 @@ def check_identity(
         )
 
 
-def _check_weights_hash(path: Path, config: dict) -> None:
+def _check_weights_hash(path: Path, data: bytes, config: dict) -> None:
     """Refuse a weights file that is not the one the config was saved with (checkpoints written
     before the hash was recorded have none and are not checked)."""
     want = config.get("weights_sha256")
-    if want is None:
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != want:
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise CheckpointMismatchError(
             f"{path} is not the weights file {path.parent / CONFIG_NAME} was saved with (SHA-256 differs): the two "
             "come from different saves, e.g. a save interrupted between writing them; save the model again"
@@ -146,18 +178,19 @@ def _check_weights_hash(path: Path, config: dict) -> None:
 def _read_weights(path: Path, expected: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
-    _check_weights_hash(path, config)
+    # Read once: the bytes that are hashed are the bytes that are loaded, even if a save replaces
+    # the file meanwhile (the tensors are small: slices and the task head).
+    data = path.read_bytes()
+    _check_weights_hash(path, data, config)
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            if keys != set(expected):
-                missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
-                raise CheckpointMismatchError(f"{path} does not fit the model: missing {missing}, unexpected {extra}")
-            tensors = {k: handle.get_tensor(k) for k in expected}
+        tensors = deserialize(data)
     except SafetensorError as err:
         raise CheckpointMismatchError(f"{path} is not a readable safetensors file ({err})") from None
-    for name, tensor in tensors.items():
-        want = expected[name]
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CheckpointMismatchError(f"{path} does not fit the model: missing {missing}, unexpected {extra}")
+    for name, want in expected.items():
+        tensor = tensors[name]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
             raise CheckpointMismatchError(
                 f"{path}: {name} is {tuple(tensor.shape)} {tensor.dtype}, the model needs "
@@ -177,9 +210,8 @@ def load(model: nn.Module, directory: str | os.PathLike, check_name: bool = True
     config = read_config(directory)
     check_identity(model, config, check_name)
     selection = HeadSelection.from_dict(config["selection"])
-    master = config.get("master_dtype")
-    patch_selection(model, selection, modules_to_save=config["modules_to_save"], master_dtype=master and getattr(torch, master))
-    expected = _trainable_tensors(model)
+    patch_selection(model, selection, modules_to_save=config["modules_to_save"], master_dtype=_master_dtype(config))
+    expected = _checkpoint_tensors(model, config["modules_to_save"])
     try:
         tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected, config)
     except BaseException:
@@ -212,9 +244,10 @@ def expected_tensors(
         expected[f"{spec.module_name}.hifi_weight"] = torch.empty(shape, dtype=dtype, device="meta")
         if spec.sliced == ROWS and module.bias is not None:
             expected[f"{spec.module_name}.hifi_bias"] = torch.empty(shape[0], dtype=dtype, device="meta")
+    names = tensor_names(model)
     for name in to_save:
-        for param_name, param in modules[name].named_parameters(prefix=name):
-            expected[param_name] = torch.empty_like(param, device="meta")
+        for param in modules[name].parameters():
+            expected[names[id(param)]] = torch.empty_like(param, device="meta")
     return expected
 
 
@@ -224,14 +257,13 @@ def read_checkpoint(
 ) -> tuple[dict, HeadSelection, dict[str, torch.Tensor]]:
     """Read and verify the checkpoint in ``directory`` for the plain ``model`` without touching it:
     ``(config, selection, tensors)``, the tensors named as in the weights file, on the CPU, in
-    memory of their own (not mapped from the file, which may be rewritten later).
+    memory of their own (read from the file once, which may be rewritten later).
 
     Every check of ``load`` runs (format, base model identity and fingerprint, weights file hash,
     names, shapes and dtypes); ``base_fingerprint`` as in :func:`check_identity`."""
     config = read_config(directory)
     check_identity(model, config, check_name, base_fingerprint)
     selection = HeadSelection.from_dict(config["selection"])
-    master = config.get("master_dtype")
-    expected = expected_tensors(model, selection, config["modules_to_save"], master and getattr(torch, master))
+    expected = expected_tensors(model, selection, config["modules_to_save"], _master_dtype(config))
     tensors = _read_weights(Path(directory) / WEIGHTS_NAME, expected, config)
-    return config, selection, {name: tensor.clone() for name, tensor in tensors.items()}
+    return config, selection, tensors

@@ -7,12 +7,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write: Callable[[str], object]) -> None:
     """``write(tmp)`` a temporary file beside ``path``, flush it to disk, then rename it over ``path``
-    (one atomic step: a reader, or a process killed at any point, sees the old file or the new one)."""
+    (one atomic step: a reader, or a process killed at any point, sees the old file or the new one).
+    The file gets the permissions ``open`` would give a new file (``mkstemp``'s are private)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb") as handle:  # on disk before the rename makes it visible
             os.fsync(handle.fileno())

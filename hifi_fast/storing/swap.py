@@ -34,7 +34,7 @@ from torch import nn
 from ..adapters import ROWS, slice_dim
 from ..heads import HeadSelection
 from ..tuning.patching import is_patched, plan_slices, weights_fingerprint
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_checkpoint, tensor_names
 
 SWAP_ATTR = "hifi_swap_state"
 
@@ -244,11 +244,11 @@ def _read_task(model: nn.Module, state: SwapState, checkpoint: str | os.PathLike
 def _plan_writes(model: nn.Module, selection: HeadSelection, modules_to_save: list[str], tensors: dict[str, torch.Tensor]) -> list[_Write]:
     """The checkpoint's tensors as writes into ``model``: task-head tensors whole, slices as head
     blocks in the weight's own storage layout, dtype and device."""
-    modules = dict(model.named_modules())
+    modules, names = dict(model.named_modules()), tensor_names(model)
     writes = []
     for head in modules_to_save:
-        for name, param in modules[head].named_parameters(prefix=head):
-            writes.append(_Write(param, param.detach(), tensors[name].to(param.device)))
+        for param in modules[head].parameters():
+            writes.append(_Write(param, param.detach(), tensors[names[id(param)]].to(param.device)))
     for spec in plan_slices(model, selection):
         module, size = modules[spec.module_name], spec.block_size
         if any(b % size for b in spec.blocks):

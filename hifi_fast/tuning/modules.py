@@ -261,13 +261,20 @@ class HeadSliceMixin:
     def detach_slices(self) -> None:
         """Write the slices back and remove them; the module is its plain class again."""
         self.sync_slices()
+        self.remove_slices()
+
+    def remove_slices(self) -> None:
+        """Remove whatever ``attach_slices`` made, all of it or (it failed) some, without writing
+        anything back; the module is its plain class again."""
         _compact_modules.discard(self)
         _forget_write_plans()
-        for hook in self.hifi_hooks:
+        for hook in self.__dict__.get("hifi_hooks", ()):
             hook.remove()
         for name in SLICE_PARAMS + ("hifi_blocks", "hifi_index"):
-            delattr(self, name)
-        for name in ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_grads", "hifi_copies",
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+        for name in SLICE_PARAMS + ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_grads", "hifi_copies",
                      "hifi_synced", "hifi_hooks"):
             self.__dict__.pop(name, None)
         self.__class__ = PLAIN_CLASS[type(self)]
@@ -345,7 +352,11 @@ PLAIN_CLASS = {v: k for k, v in HIFI_CLASS.items()}
 def convert(module: nn.Module, spec: ProjectionSlice, master_dtype: torch.dtype | None = None) -> None:
     """Turn a plain projection into its head-slice variant in place."""
     module.__class__ = HIFI_CLASS[type(module)]
-    module.attach_slices(spec, master_dtype)
+    try:
+        module.attach_slices(spec, master_dtype)
+    except BaseException:
+        module.remove_slices()
+        raise
 
 
 def slice_param_count(module: nn.Module, spec: ProjectionSlice) -> int:

@@ -27,6 +27,7 @@ class HiFiState:
     base_fingerprint: str
     master_dtype: torch.dtype | None = None
     requires_grad: dict[str, bool] = field(repr=False, default_factory=dict)
+    base_dtype: torch.dtype | None = None  # the model's dtype when patched (``base_fingerprint``'s)
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -132,6 +133,8 @@ def patch_selection(
         raise ValueError("model is already patched by hifi_fast; call hifi_fast.unpatch(model) first")
     if not isinstance(selection, HeadSelection):
         raise TypeError(f"patch: selection must be a HeadSelection or HiFiConfig, got {type(selection).__name__}")
+    if master_dtype is not None and not (isinstance(master_dtype, torch.dtype) and master_dtype.is_floating_point):
+        raise TypeError(f"patch: master_dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {master_dtype!r}")
     slices = plan_slices(model, selection)
     if get_adapter(model) is GENERAL:
         logger.warning("hifi_fast: %s is patched by the general adapter; what it found:\n%s",
@@ -143,12 +146,26 @@ def patch_selection(
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for param in model.parameters():
         param.requires_grad_(False)
-    for spec in slices:
-        convert(modules[spec.module_name], spec, master_dtype)
+    try:
+        for spec in slices:
+            convert(modules[spec.module_name], spec, master_dtype)
+    except BaseException:  # e.g. out of memory for the compact slices: leave the model as it was
+        _undo_patch(model, requires_grad)
+        raise
     for name in to_save:
         modules[name].requires_grad_(True)
-    setattr(model, STATE_ATTR, HiFiState(selection, slices, to_save, fingerprint, master_dtype, requires_grad))
+    base_dtype = next(model.parameters()).dtype
+    setattr(model, STATE_ATTR, HiFiState(selection, slices, to_save, fingerprint, master_dtype, requires_grad, base_dtype))
     return model
+
+
+def _undo_patch(model: nn.Module, requires_grad: dict[str, bool]) -> None:
+    """Remove the slices and restore the ``requires_grad`` flags recorded before patching."""
+    for module in model.modules():
+        if isinstance(module, HeadSliceMixin):
+            module.detach_slices()
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, True))
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -157,11 +174,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         raise ValueError("model is not patched by hifi_fast; nothing to unpatch")
-    for module in model.modules():
-        if isinstance(module, HeadSliceMixin):
-            module.detach_slices()
-    for name, param in model.named_parameters():
-        param.requires_grad_(state.requires_grad.get(name, True))
+    _undo_patch(model, state.requires_grad)
     delattr(model, STATE_ATTR)
     return model
 
