@@ -279,8 +279,12 @@ def test_selection_that_does_not_fit_the_weights_file(checkpoint):
 
 def test_save_and_load_refuse_the_wrong_model_state(checkpoint):
     model = tiny_model("bert")
-    with unchanged(model, checkpoint), pytest.raises(ValueError, match="not patched by hifi_fast"):
+    with unchanged(model, checkpoint), pytest.raises(ValueError, match="not patched by hifi_fast .call hifi_fast.patch"):
         hifi_fast.save(model, checkpoint)
+    wrapper = torch.nn.Module()  # e.g. DistributedDataParallel: the patched model is its .module
+    wrapper.module = trained_model("bert", SELECTION)
+    with unchanged(wrapper, checkpoint), pytest.raises(ValueError, match="it wraps one: save model.module"):
+        hifi_fast.save(wrapper, checkpoint)
     patched = trained_model("bert", SELECTION)
     _refused(patched, checkpoint, "already patched; load into a fresh base model", ValueError)
 

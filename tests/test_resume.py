@@ -1,6 +1,7 @@
 """Faults: ``hifi-fast finetune --save-every N`` killed (SIGKILL) mid-run continues with ``--resume``
 and ends bit-identical to the uninterrupted run (CPU, one thread): metrics, losses, trained weights.
 """
+import copy
 import json
 import signal
 import subprocess
@@ -15,7 +16,9 @@ from safetensors.torch import load_file
 from hifi_fast import cli
 from hifi_fast.storing.training_state import STATE_NAME
 
+from conftest import tiny_batch
 from test_cli import finetune_argv, tiny_csv, tiny_model_dir  # noqa: F401 - fixtures
+from test_errors import unchanged
 
 TESTS = Path(__file__).resolve().parent
 # Kill the run at its N-th optimizer step ("step N": in the middle of epoch 2 of 11 steps, two
@@ -90,3 +93,33 @@ def test_resume_refuses_what_it_cannot_continue(tiny_model_dir, tiny_csv, tmp_pa
                       "with --save-every N")
     assert cli.main(_argv(tiny_model_dir, tiny_csv, tmp_path / "x", "--save-every", "-1")) == 2
     assert "--save-every must be >= 0, got -1" in capsys.readouterr().err
+
+
+def test_load_state_refuses_a_state_it_cannot_continue_and_changes_nothing(tmp_path):
+    """Trained tensors of another dtype, or an optimizer state of other parameter groups: refused
+    before the model, the optimizer or the scheduler changed."""
+    from hifi_fast.storing.training_state import LoopPosition, load_state, save_state
+    from conftest import trained_model
+
+    def set_up(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params if len(params) < 3 else [{"params": params[:2]}, {"params": params[2:]}])
+        model(**tiny_batch()).loss.backward()
+        optimizer.step()
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    model = trained_model("bert", {0: [1]})
+    save_state(tmp_path, model, *set_up(model), LoopPosition(steps=1))
+    other = trained_model("bert", {0: [1]}, seed=1)
+    optimizer, scheduler = set_up(other)
+    other.classifier.to(torch.float64)
+    with unchanged(other), pytest.raises(ValueError, match="other trained parameters than this run.s .names, shapes or dtypes"):
+        load_state(tmp_path, other, optimizer, scheduler)
+    regrouped = trained_model("bert", {0: [1]}, seed=1)
+    optimizer, scheduler = set_up(regrouped)
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
+    with unchanged(regrouped), pytest.raises(ValueError, match="parameter group"):
+        load_state(tmp_path, regrouped, optimizer, scheduler)
+    assert len(optimizer.param_groups) == 3
+    torch.testing.assert_close(optimizer.state_dict()["state"], optimizer_state["state"], rtol=0, atol=0)

@@ -83,7 +83,9 @@ def save(model: nn.Module, directory: str | os.PathLike) -> Path:
 
     state = getattr(model, STATE_ATTR, None)
     if state is None:
-        raise ValueError("save: model is not patched by hifi_fast (call hifi_fast.patch first)")
+        wrapped = is_patched(getattr(model, "module", None))  # DDP and the like: the patched model is .module
+        raise ValueError("save: model is not patched by hifi_fast (" + (
+            "it wraps one: save model.module" if wrapped else "call hifi_fast.patch first") + ")")
     identity = _model_identity(model)
     base_dtype = state.base_dtype and _dtype_name(state.base_dtype)
     if base_dtype and identity["dtype"] != base_dtype:

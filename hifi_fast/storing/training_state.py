@@ -8,6 +8,7 @@ are deterministic).
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -86,12 +87,18 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path} is not a training state of format {FORMAT_VERSION}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     saved = state["trainable"]
-    if set(saved) != set(params) or any(saved[n].shape != p.shape for n, p in params.items()):
-        raise ValueError(f"{path} was saved for other trained parameters than this run's (its set-up changed)")
+    if set(saved) != set(params) or any(saved[n].shape != p.shape or saved[n].dtype != p.dtype for n, p in params.items()):
+        raise ValueError(f"{path} was saved for other trained parameters than this run's (names, shapes or dtypes; "
+                         "its set-up changed)")
+    before = copy.deepcopy(optimizer.state_dict())
+    try:  # the optimizer refuses a state of other parameter groups: first, so that nothing else changed
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except BaseException:
+        optimizer.load_state_dict(before)
+        raise
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return LoopPosition(**state["position"])
