@@ -3,6 +3,7 @@ nothing written, and a merged model that round-trips through save_pretrained/fro
 import copy
 import json
 import os
+import stat
 
 import torch
 
@@ -51,6 +52,14 @@ def test_checkpoint_files_are_as_readable_as_new_files(tmp_path):
     hifi_fast.save(trained_model("bert", SELECTION["bert"]), tmp_path)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_save_flushes_each_file_and_then_its_folder(tmp_path, monkeypatch):
+    """A file's data before its rename, the folder's entry after it: both survive a power cut."""
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)), fsync(fd)))
+    hifi_fast.save(trained_model("bert", SELECTION["bert"]), tmp_path)
+    assert synced == [False, True, False, True]  # weights, folder, config, folder
 
 
 def test_checkpoint_holds_slices_and_task_head_whatever_requires_grad_says_since(tmp_path):
