@@ -37,6 +37,23 @@ def _head_dim_disagrees():
     return model
 
 
+def _layer_without_its_own_keys_and_values():
+    """As Gemma 3n's KV-shared layers: query and output projections, keys and values of another layer."""
+    model = _starcoder2()
+    attention = model.model.layers[1].self_attn
+    del attention.k_proj, attention.v_proj
+    return model
+
+
+def _heads_per_layer():
+    from transformers import CONFIG_MAPPING, AutoModel
+
+    config = CONFIG_MAPPING["embedding_gemma2_text"](**{**DECODER, "head_dim": 8},
+                                                     per_layer_config={"01": {"num_key_value_heads": 1}})
+    torch.manual_seed(0)
+    return AutoModel.from_config(config)
+
+
 REFUSED = {
     "a convolution inside attention (Nystromformer)": (
         lambda: tf.NystromformerForSequenceClassification(tf.NystromformerConfig(**ENCODER)),
@@ -57,6 +74,13 @@ REFUSED = {
     "a head_dim per layer (Gemma 4)": (
         lambda: tf.Gemma4ForCausalLM(tf.Gemma4TextConfig(**DECODER)),
         r"its config gives no single head_dim"),
+    "a layer without keys and values of its own (Gemma 3n's KV sharing)": (
+        _layer_without_its_own_keys_and_values,
+        r"attention modules 'model\.layers\.1\.self_attn' have query and output projections but not key and value "
+        r"projections of their own .* the general adapter would leave them out"),
+    "a key/value head count per layer (EmbeddingGemma 2)": (
+        _heads_per_layer,
+        r"its config gives no single num_key_value_heads \('num_key_value_heads' is a per-layer attribute"),
     "shapes that contradict the config": (
         _head_dim_disagrees,
         r"'model\.layers\.0\.self_attn\.q_proj' \(the q projection of layer 0\) has 32 output features; "

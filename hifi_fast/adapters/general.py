@@ -46,20 +46,17 @@ class GeneralAdapter(ArchitectureAdapter):
         return "hifi_fast's general adapter"
 
     def num_heads(self, model: nn.Module) -> int:
-        heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+        heads = _global(getattr(model, "config", None), "num_attention_heads")
         if not isinstance(heads, int) or heads < 1:
             raise UnsupportedModelError("its config has no num_attention_heads to take the head count from")
         return heads
 
     def num_kv_heads(self, model: nn.Module) -> int:
-        return getattr(model.config, "num_key_value_heads", None) or self.num_heads(model)
+        return _global(model.config, "num_key_value_heads") or self.num_heads(model)
 
     def head_dim(self, model: nn.Module) -> int:
         config = model.config
-        try:
-            head_dim = getattr(config, "head_dim", None)
-        except Exception as err:  # e.g. a per-layer head_dim that the config refuses to give globally
-            raise UnsupportedModelError(f"its config gives no single head_dim ({err})") from None
+        head_dim = _global(config, "head_dim")
         if head_dim:
             return head_dim
         hidden = getattr(config, "hidden_size", None)
@@ -89,6 +86,14 @@ class GeneralAdapter(ArchitectureAdapter):
             raise UnsupportedModelError(
                 f"found attention modules in {len(stacks)} stacks ({', '.join(stacks)}); the general adapter takes one "
                 "stack of layers with one head geometry (patch one tower, or add a family adapter)")
+        names = {name for name, _ in found}
+        partial = [name for name in modules if name and name not in names and any(
+            f"{name}.{q}" in modules and f"{name}.{o}" in modules for q, _, _, o in CANDIDATES)]
+        if partial:
+            raise UnsupportedModelError(
+                f"attention modules {_listed(partial)} have query and output projections but not key and value "
+                "projections of their own (e.g. layers that reuse another layer's keys and values); the general "
+                "adapter would leave them out, so it needs a family adapter")
         indices = [_layer_index(name) for name, _ in found]
         if indices != list(range(len(found))):
             raise UnsupportedModelError(f"attention modules {[n for n, _ in found]} are not numbered 0, 1, ... in order")
@@ -100,6 +105,20 @@ class GeneralAdapter(ArchitectureAdapter):
             _refuse_other_parameters(modules[name], name, (q, k, v, o), head_dim)
             layers.append(layer)
         return layers
+
+
+def _global(config, name: str):
+    """``config.<name>``, or ``None``; a value that varies by layer (a per-layer config refuses to
+    give it globally) is refused: one head geometry is what the general adapter takes."""
+    try:
+        return getattr(config, name, None)
+    except Exception as err:
+        raise UnsupportedModelError(f"its config gives no single {name} ({err})") from None
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _attention_modules(modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, str, str, str]]]:
