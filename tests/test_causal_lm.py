@@ -239,6 +239,36 @@ def test_trl_sft_trainer(tmp_path):
     assert changed and changed <= {s.module_name for s in hifi_fast.tuning.patching.plan_slices(model, model.hifi_state.selection)}
 
 
+def test_a_prompt_that_fills_max_length_is_refused():
+    """Its example would keep no target: a NaN loss, skipped as non-finite without saying why."""
+    from hifi_fast.cli.data import DataError
+
+    texts, prompts = ["w1 w2", "w3 w4"], ["w5 w6 w7", " ".join(WORDS[:10])]
+    assert encode_lm(tokenizer(), texts, prompts, max_length=12).token_labels[1][-1] != IGNORE_INDEX
+    with pytest.raises(DataError, match=r"1 of 2 examples \(rows \[1\] .*keep no response token within --max-length 8"):
+        encode_lm(tokenizer(), texts, prompts, max_length=8)
+
+
+def test_validation_evaluates_on_a_part_of_the_training_texts(tmp_path):
+    """``--validation`` (to tune without touching the evaluation texts) is honoured for causal LMs too."""
+    from types import SimpleNamespace
+
+    from hifi_fast.cli.causal_lm import _texts
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": f"w{i} w{i + 1}"}) for i in range(20)))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("\n".join(json.dumps({"text": f"w{i} w{i}"}) for i in range(30, 35)))
+    args = SimpleNamespace(train=train, eval=evaluation, text_column=None, prompt_column=None, eval_fraction=0.25,
+                           seed=0, max_train_examples=0, max_eval_examples=0, validation=False)
+    (train_texts, _), (eval_texts, _), _ = _texts(args)
+    assert len(train_texts) == 20 and eval_texts == [f"w{i} w{i}" for i in range(30, 35)]
+    args.validation = True
+    (train_texts, _), (eval_texts, _), described = _texts(args)
+    assert len(train_texts) == 15 and len(eval_texts) == 5 and "validation split" in described
+    assert not set(eval_texts) & set(train_texts) and set(eval_texts) < {f"w{i} w{i + 1}" for i in range(20)}
+
+
 def test_prompt_takes_no_loss_and_padding_neither():
     tok = tokenizer()
     data = encode_lm(tok, ["w3 w4 w5", "w9"], ["w1 w2", "w7 w8"], max_length=16)

@@ -41,6 +41,17 @@ def test_reads_csv_and_jsonl(tmp_path):
     assert read_labelled_file(jsonl) == (["a", "b"], ["1", "0"])
 
 
+def test_byte_order_marks_and_tab_separated_files(tmp_path):
+    """A BOM (Excel's, pandas' ``encoding="utf-8-sig"``) before a quoted header or a JSON line, and a
+    ``.tsv`` file, read as the plain files do."""
+    want = (["hello, world", "bad day"], ["pos", "neg"])
+    (tmp_path / "bom.csv").write_bytes('\ufeff"text","label"\n"hello, world","pos"\n"bad day","neg"\n'.encode())
+    assert read_labelled_file(tmp_path / "bom.csv") == want
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + "\n".join(json.dumps({"text": t, "label": y}) for t, y in zip(*want))).encode())
+    assert read_labelled_file(tmp_path / "bom.jsonl") == want
+    assert read_labelled_file(write(tmp_path / "d.tsv", "text\tlabel\nhello, world\tpos\nbad day\tneg\n")) == want
+
+
 def test_custom_column_names(tmp_path):
     path = write(tmp_path / "d.csv", "id,sentence,y\n1,good,a\n2,bad,b\n")
     assert read_labelled_file(path, "sentence", "y") == (["good", "bad"], ["a", "b"])

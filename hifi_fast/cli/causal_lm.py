@@ -24,6 +24,10 @@ def load_causal_lm(path: str):
     return model.float().eval()
 
 
+def _pick(rows: list | None, indices: list[int]) -> list | None:
+    return None if rows is None else [rows[i] for i in indices]
+
+
 def _texts(args):
     """``(train, eval)`` Encoded-ready ``(texts, prompts)`` pairs and a description."""
     from hifi_fast.cli.lm_data import read_text_file, split_texts
@@ -38,10 +42,14 @@ def _texts(args):
         described = f"{args.train} / {args.eval}"
     else:
         train_idx, eval_idx = split_texts(len(texts), args.eval_fraction, args.seed)
-        pick = lambda rows, idx: None if rows is None else [rows[i] for i in idx]  # noqa: E731
-        texts, prompts, eval_texts, eval_prompts = (pick(texts, train_idx), pick(prompts, train_idx),
-                                                    pick(texts, eval_idx), pick(prompts, eval_idx))
+        texts, prompts, eval_texts, eval_prompts = (_pick(texts, train_idx), _pick(prompts, train_idx),
+                                                    _pick(texts, eval_idx), _pick(prompts, eval_idx))
         described = f"{args.train} (held out: {args.eval_fraction:g}, seed {args.seed})"
+    if getattr(args, "validation", False):  # the evaluation texts stay unread: tune on a part of training's
+        train_idx, eval_idx = split_texts(len(texts), args.eval_fraction, args.seed)
+        texts, prompts, eval_texts, eval_prompts = (_pick(texts, train_idx), _pick(prompts, train_idx),
+                                                    _pick(texts, eval_idx), _pick(prompts, eval_idx))
+        described += f"; evaluating on a {args.eval_fraction:.0%} validation split of the training part"
     cap = lambda rows, n: rows if rows is None or not n else rows[:n]  # noqa: E731
     train = (cap(texts, args.max_train_examples), cap(prompts, args.max_train_examples))
     evaluation = (cap(eval_texts, args.max_eval_examples), cap(eval_prompts, args.max_eval_examples))

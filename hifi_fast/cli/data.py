@@ -101,15 +101,16 @@ def _label_to_str(value: object) -> str | None:
 
 def _read_csv(path: Path, text_column: str, label_column: str) -> tuple[list[str], list[str], list[tuple[int, str]]]:
     texts, labels, bad = [], [], []
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        reader = csv.reader(handle)
+    # utf-8-sig: a byte-order mark (Excel's, pandas' "utf-8-sig") is not part of the first header cell
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        reader = csv.reader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
         try:
             header = next(reader)
         except StopIteration:
             raise DataError(f"{path}: the file is empty (expected a header row with '{text_column}' and '{label_column}')") from None
         except csv.Error as err:
             raise DataError(f"{path}: line 1 (the header) cannot be parsed as CSV: {err}") from None
-        header = [h.strip().lstrip("\ufeff") for h in header]
+        header = [h.strip() for h in header]
         missing = [c for c in (text_column, label_column) if c not in header]
         if missing:
             raise DataError(f"{path}: no column {' or '.join(repr(c) for c in missing)}; the columns are {header} "
@@ -144,7 +145,7 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> tuple[list[s
     texts, labels, bad = [], [], []
     seen_columns: set[str] = set()
     any_record = False
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue

@@ -36,10 +36,17 @@ def encode_lm(tokenizer, texts: Sequence[str], prompts: Sequence[str] | None, ma
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     bodies = tokenizer(list(texts), add_special_tokens=prompts is None)["input_ids"]
     heads = tokenizer(list(prompts))["input_ids"] if prompts is not None else [[] for _ in bodies]
-    ids, targets = [], []
-    for head, body in zip(heads, bodies):
+    ids, targets, no_target = [], [], []
+    for row, (head, body) in enumerate(zip(heads, bodies)):
         seq = (head + body + eos)[:max_length]
         ids.append(seq)
         targets.append(([IGNORE_INDEX] * len(head) + body + eos)[:max_length])
+        if all(t == IGNORE_INDEX for t in targets[-1]):
+            no_target.append(row)
+    if no_target:  # their loss would be 0/0: NaN steps, skipped as non-finite without saying why
+        raise DataError(
+            f"{len(no_target)} of {len(ids)} examples (rows {no_target[:5]}{' ...' if len(no_target) > 5 else ''} "
+            f"after splitting) keep no response token within --max-length {max_length}: their prompt fills it; "
+            "raise --max-length or shorten the prompts")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     return Encoded(ids, None, None, int(pad), token_labels=targets)
