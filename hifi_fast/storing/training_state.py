@@ -8,7 +8,6 @@ are deterministic).
 """
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,13 +89,10 @@ def load_state(directory: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if set(saved) != set(params) or any(saved[n].shape != p.shape or saved[n].dtype != p.dtype for n, p in params.items()):
         raise ValueError(f"{path} was saved for other trained parameters than this run's (names, shapes or dtypes; "
                          "its set-up changed)")
-    before = copy.deepcopy(optimizer.state_dict())
-    try:  # the optimizer refuses a state of other parameter groups: first, so that nothing else changed
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except BaseException:
-        optimizer.load_state_dict(before)
-        raise
+    # Before the parameters: Optimizer.load_state_dict refuses a state of other parameter groups
+    # before it changes anything (no copy of the optimizer's state is needed to undo it).
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(saved[name])
