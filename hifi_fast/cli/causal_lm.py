@@ -24,13 +24,18 @@ def load_causal_lm(path: str):
     return model.float().eval()
 
 
-def _pick(rows: list | None, indices: list[int]) -> list | None:
-    return None if rows is None else [rows[i] for i in indices]
+def _split(texts: list[str], prompts: list[str] | None, fraction: float, seed: int) -> tuple:
+    """``(texts, prompts, held-out texts, held-out prompts)``: ``split_texts`` applied to both."""
+    from hifi_fast.cli.lm_data import split_texts
+
+    kept, held = split_texts(len(texts), fraction, seed)
+    pick = lambda rows, idx: None if rows is None else [rows[i] for i in idx]  # noqa: E731
+    return pick(texts, kept), pick(prompts, kept), pick(texts, held), pick(prompts, held)
 
 
 def _texts(args):
     """``(train, eval)`` Encoded-ready ``(texts, prompts)`` pairs and a description."""
-    from hifi_fast.cli.lm_data import read_text_file, split_texts
+    from hifi_fast.cli.lm_data import read_text_file
 
     if args.train is None:
         raise CLIError("--task causal-lm needs --train FILE (CSV with a header row, or JSONL) with a "
@@ -41,14 +46,10 @@ def _texts(args):
         eval_texts, eval_prompts = read_text_file(args.eval, column, args.prompt_column)
         described = f"{args.train} / {args.eval}"
     else:
-        train_idx, eval_idx = split_texts(len(texts), args.eval_fraction, args.seed)
-        texts, prompts, eval_texts, eval_prompts = (_pick(texts, train_idx), _pick(prompts, train_idx),
-                                                    _pick(texts, eval_idx), _pick(prompts, eval_idx))
+        texts, prompts, eval_texts, eval_prompts = _split(texts, prompts, args.eval_fraction, args.seed)
         described = f"{args.train} (held out: {args.eval_fraction:g}, seed {args.seed})"
     if getattr(args, "validation", False):  # the evaluation texts stay unread: tune on a part of training's
-        train_idx, eval_idx = split_texts(len(texts), args.eval_fraction, args.seed)
-        texts, prompts, eval_texts, eval_prompts = (_pick(texts, train_idx), _pick(prompts, train_idx),
-                                                    _pick(texts, eval_idx), _pick(prompts, eval_idx))
+        texts, prompts, eval_texts, eval_prompts = _split(texts, prompts, args.eval_fraction, args.seed)
         described += f"; evaluating on a {args.eval_fraction:.0%} validation split of the training part"
     cap = lambda rows, n: rows if rows is None or not n else rows[:n]  # noqa: E731
     train = (cap(texts, args.max_train_examples), cap(prompts, args.max_train_examples))
