@@ -51,4 +51,6 @@ def cuda_extension():
 
 ext_modules, cmdclass = cuda_extension()
 # Only hifi_fast and its sub-packages: no other top-level name is installed (bench/, tests/ stay in the repo).
-setup(packages=find_packages(include=["hifi_fast", "hifi_fast.*"]), ext_modules=ext_modules, cmdclass=cmdclass)
+# The C++ autograd node's source ships inside the package: it is built on first use (hifi_fast/tuning/native.py).
+setup(packages=find_packages(include=["hifi_fast", "hifi_fast.*"]), package_data={"hifi_fast.tuning": ["*.cpp"]},
+      ext_modules=ext_modules, cmdclass=cmdclass)

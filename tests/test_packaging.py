@@ -63,3 +63,25 @@ def test_transformers_and_own_kernels_import_from_repository_root():
     except importlib.metadata.PackageNotFoundError:
         return
     assert "site-packages" in origin, f"Hugging Face's kernels is installed, but 'kernels' resolves to {origin}"
+
+
+def test_wheel_ships_the_native_node_source(tmp_path):
+    """A non-editable install builds the C++ autograd node from the source inside the package."""
+    import os
+    import shutil
+    import zipfile
+
+    from hifi_fast.tuning import native
+
+    assert native.SOURCE.is_relative_to(ROOT / "hifi_fast") and native.SOURCE.is_file()
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tree / name)
+    shutil.copytree(ROOT / "hifi_fast", tree / "hifi_fast", ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"), "."],
+        cwd=tree, capture_output=True, text=True, timeout=600, env={**os.environ, "HIFI_FAST_SKIP_CUDA_BUILD": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    assert "hifi_fast/tuning/head_slice_linear.cpp" in zipfile.ZipFile(wheel).namelist()

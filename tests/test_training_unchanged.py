@@ -8,6 +8,7 @@ base weight, per-run parameters, fused backward) must train to the same values: 
 the per-element arithmetic is the same, within fp32 rounding where a GEMM's shape changed (the
 tolerance below), and for a bf16 model with fp32 master slices too.
 """
+import functools
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import hifi_fast
+from hifi_fast.tuning import native
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_batch, tiny_model  # noqa: E402
@@ -51,8 +53,11 @@ def _name(family: str, master: bool) -> Path:
     return DATA / f"{family}{'-master-fp32' if master else ''}.safetensors"
 
 
+@pytest.mark.parametrize("node", ["native", "python"])  # HIFI_FAST_NATIVE=1 / 0: the C++ node, the Python Function
 @pytest.mark.parametrize("family, master", CASES)
-def test_trained_values_equal_those_of_the_compact_copy_implementation(family, master):
+def test_trained_values_equal_those_of_the_compact_copy_implementation(family, master, node, monkeypatch):
+    monkeypatch.setenv("HIFI_FAST_NATIVE", "1" if node == "native" else "0")
+    monkeypatch.setattr(native, "extension", functools.lru_cache(native.extension.__wrapped__))
     want = load_file(_name(family, master))
     got = train(family, master)
     assert set(got) == set(want)

@@ -41,7 +41,9 @@ except ImportError:  # torch built without distributed support
 from ..adapters import COLS, ROWS, ProjectionSlice, attention_layers, slice_dim
 from ..backends import backend_name
 from ..ops import feature_index
-from .sparse_head_linear import SliceIndex, SlicePlan, apply_eagerly, eager_slice_grads, runs_of, sparse_head_linear
+from . import native
+from .sparse_head_linear import (SliceIndex, SlicePlan, apply_eagerly, eager_slice_grads, native_args, runs_of,
+                                 sparse_head_linear)
 
 # Compact slices are written into their weights right after every optimizer step (fused optimizers
 # do not even bump the slices' version counters): once per step, in one pass, rather than checked and
@@ -161,6 +163,7 @@ class HeadSliceMixin:
         self.hifi_slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
         self.hifi_indices = SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(self.hifi_index.device))
         self.hifi_grads = eager_slice_grads(self.hifi_plan, self.hifi_indices)
+        self.hifi_native = native_args(self.hifi_plan, self.hifi_indices, self.hifi_slices)
         self.hifi_copies = None
         weight = self._parameters["weight"]
         if self.hifi_plan.view is None and not self._is_fsdp_managed_module and not isinstance(weight, DTensor):
@@ -274,7 +277,7 @@ class HeadSliceMixin:
             self._parameters.pop(name, None)
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)
-        for name in SLICE_PARAMS + ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_grads", "hifi_copies",
+        for name in SLICE_PARAMS + ("hifi_plan", "hifi_heads", "hifi_runs", "hifi_slices", "hifi_indices", "hifi_grads", "hifi_native", "hifi_copies",
                      "hifi_synced", "hifi_hooks"):
             self.__dict__.pop(name, None)
         self.__class__ = PLAIN_CLASS[type(self)]
@@ -286,8 +289,8 @@ class HeadSliceMixin:
             slices = (self.hifi_weight,) if self.hifi_bias is None else (self.hifi_weight, self.hifi_bias)
             return sparse_head_linear(x, self.weight_2d(), self.bias, slices, self.hifi_plan,
                                       SliceIndex(self.hifi_blocks, self.hifi_index, backend_name(x.device)), merge=True)
-        # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd Function
-        # whose backward was fixed at patch time.
+        # The hot path: dict reads only (no nn.Module.__getattr__), one check, one autograd node
+        # whose backward was fixed at patch time: the C++ one where it runs, else the Python one.
         params, slices = self._parameters, self.hifi_slices
         weight, bias = self.as_2d(params["weight"]), params["bias"]
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
@@ -299,6 +302,8 @@ class HeadSliceMixin:
             self.sync_slices()
         if not torch.is_grad_enabled():
             return F.linear(x, weight, bias)
+        if self.hifi_native is not None:
+            return native.extension().head_slice_linear(*self.hifi_native, x, weight, bias)
         return apply_eagerly(x, weight, bias, self.hifi_grads, *slices)
 
     def extra_repr(self) -> str:

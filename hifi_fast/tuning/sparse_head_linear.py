@@ -12,7 +12,9 @@ The backward is the math and nothing else: what it computes is decided at patch 
 gradient; a compact slice of several head blocks is gathered once (``index_select`` + one GEMM on
 CPU, one launch of the Triton kernel or the CUDA extension on a GPU). Eagerly that choice, the
 backend and their fixed arguments are bound once per module (``eager_slice_grads``) and the
-backward makes one call, with no ``torch.library`` wrapper; under ``torch.compile`` the
+backward makes one call, with no ``torch.library`` wrapper; where the slice gradients are ATen
+ops (a view's, or the torch backend's), the eager path is the same ops in a C++ autograd node
+(``native.py``), which costs the host less per call than any Python Function; under ``torch.compile`` the
 PyTorch form is traced inline on CPU, and on a GPU the backend runs as the custom ops
 ``hifi_fast::head_rows_grad`` / ``hifi_fast::head_cols_grad`` (fake implementations: no graph break).
 """
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from .. import ops as torch_ops
 from ..adapters import COLS, slice_dim
 from ..backends import load, ops_for
+from . import native
 
 
 def runs_of(blocks: tuple[int, ...], block_size: int) -> tuple[tuple[int, int], ...]:
@@ -135,6 +138,22 @@ def eager_slice_grads(plan: SlicePlan, indices: SliceIndex) -> Callable[[torch.T
     """``slice_grads`` of ``plan`` on ``indices``' device with every choice made now (the branch,
     the backend, the fixed arguments), for the eager path."""
     return _grads_for(plan, indices.blocks, indices.index, load(indices.backend))
+
+
+def native_args(plan: SlicePlan, indices: SliceIndex, slices: tuple[torch.Tensor, ...]) -> tuple | None:
+    """The fixed leading arguments of the C++ node (``native.py``) for ``plan`` on ``indices``' device,
+    or ``None`` where the eager path is the Python Function: no C++ node here, or a compact slice
+    whose gradient a GPU backend (Triton, the CUDA extension) computes in one launch."""
+    if plan.view is None and indices.backend != "torch":
+        return None
+    extension = native.extension()
+    if extension is None:
+        return None
+    if plan.view is not None:
+        kind, (start, length) = extension.ROWS_RUN, plan.view
+    else:
+        kind, start, length = (extension.COLS_INDEX if plan.sliced == COLS else extension.ROWS_INDEX), 0, 0
+    return (slices[0], slices[1] if len(slices) > 1 else None, indices.index, kind, start, length)
 
 
 def merged(weight: torch.Tensor, bias: torch.Tensor | None, plan: SlicePlan, index: torch.Tensor,
