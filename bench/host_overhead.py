@@ -4,7 +4,12 @@ On a GPU, small and medium models are launch-bound: the step's cost is what the 
 (Python, dispatcher, autograd) and the number of ops (one launch each). This benchmark makes that
 cost visible on a CPU by shrinking the compute to almost nothing: models of real depth (16 layers)
 and tiny width (hidden 64), batch 2 x 16 tokens, one thread. Per method (frozen backbone with input
-gradients, HiFi's ``patch(model)``, LoRA r=8 on q/v and on q/k/v/o, full fine-tuning), it reports
+gradients, HiFi's ``patch(model)``, the same on the Python autograd Function rather than the C++
+node (``hifi-python``: ``HIFI_FAST_NATIVE=0``), on a GPU the same with every slice gradient in ATen ops
+on the C++ node rather than compact slices' in one Triton launch from the Python Function
+(``hifi-torch``: ``HIFI_FAST_BACKEND=torch``; on a CPU that is ``hifi``), LoRA r=8 on q/v and on
+q/k/v/o, full fine-tuning; the two HiFi variants eager only, since compiled graphs use neither
+node), it reports
 
 - leaf ops per step, counted by the profiler (views and metadata ops left out): forward + backward,
   and the optimizer step apart. Deterministic: no noise;
@@ -27,6 +32,7 @@ import argparse
 import gc
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import time
@@ -41,7 +47,9 @@ from hifi_fast.cli.baselines import apply_lora, freeze_backbone, train_everythin
 
 from .timing import step_times
 
-METHODS = ("frozen", "hifi", "lora-qv", "lora-qkvo", "full")
+METHODS = ("frozen", "hifi", "hifi-python", "hifi-torch", "lora-qv", "lora-qkvo", "full")
+# HiFi variants: the environment their process runs under (read at its first patch)
+VARIANT_ENV = {"hifi-python": {"HIFI_FAST_NATIVE": "0"}, "hifi-torch": {"HIFI_FAST_BACKEND": "torch"}}
 SHAPES = ("llama", "bert")
 # Ops that only make views or read metadata: no launch on a GPU.
 METADATA_OPS = {
@@ -69,7 +77,7 @@ def prepare(model: torch.nn.Module, method: str) -> torch.nn.Module:
     """``model`` set up for ``method`` (see the module docstring)."""
     if method == "frozen":
         return freeze_backbone(model, input_grads=True)
-    if method == "hifi":
+    if method == "hifi" or method in VARIANT_ENV:
         return hifi_fast.patch(model)  # the default: 2 random heads per layer, no scoring pass
     if method == "full":
         return train_everything(model)
@@ -126,8 +134,10 @@ def leaf_ops(fn) -> dict[str, int]:
     return counts
 
 
-def trained_projections(model: torch.nn.Module) -> int:
-    return sum(isinstance(m, hifi_fast.tuning.modules.HeadSliceMixin) for m in model.modules())
+def trained_projections(model: torch.nn.Module) -> tuple[int, int]:
+    """Projections with head slices, and how many of them run the C++ autograd node eagerly."""
+    modules = [m for m in model.modules() if isinstance(m, hifi_fast.tuning.modules.HeadSliceMixin)]
+    return len(modules), sum(m.hifi_native is not None for m in modules)
 
 
 def _worker(conn, shape: str, method: str, layers: int, compiled: bool, compile_optimizer: bool, device: str,
@@ -137,13 +147,15 @@ def _worker(conn, shape: str, method: str, layers: int, compiled: bool, compile_
     from torch._dynamo.utils import counters
 
     try:
+        os.environ.update(VARIANT_ENV.get(method, {}))  # a process of its own
         torch.set_num_threads(1)
         run = Run(shape, method, layers, compiled, compile_optimizer, device, cuda_graphs)
         for _ in range(3):  # warm-up (and compilation)
             run.step()
         ops = {"forward_backward": leaf_ops(run.forward_backward), "optimizer": leaf_ops(run.optimizer_step)}
         breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
-        conn.send({"ops": ops, "trained_projections": trained_projections(run.model),
+        projections, native = trained_projections(run.model)
+        conn.send({"ops": ops, "trained_projections": projections, "native_projections": native,
                    "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"})
         gc.collect()
         gc.disable()  # a collection inside a timed step would land on whichever method ran then
@@ -193,6 +205,7 @@ def measure(shape: str, layers: int, rounds: int, steps: int, compiled: bool, co
         "device": setup["hifi"]["device"], "cuda_graphs": cuda_graphs,
         "rounds": rounds, "steps_per_round": steps,
         "trained_projections": setup["hifi"]["trained_projections"],
+        "native_projections": setup["hifi"]["native_projections"],
         "graph_breaks_while_timing": sum(a["graph_breaks"] for a in after.values()),
         "recompiles_while_timing": sum(a["recompiles"] for a in after.values()),
         "ops": {m: {phase: sum(c.values()) for phase, c in setup[m]["ops"].items()} for m in methods},
@@ -233,6 +246,9 @@ def report(results: list[dict]) -> str:
             "",
             f"{r['rounds']} interleaved rounds x {r['steps_per_round']} steps; hifi trains "
             f"{r['trained_projections']} projections"
+            + ("" if r["compiled"] else f", {r.get('native_projections', 0)} of them on the C++ autograd node"
+               + (" (hifi-python: all on the Python autograd Function)" if "hifi-python" in r["ms"] else "")
+               + (" (hifi-torch: all, every slice gradient in ATen ops)" if "hifi-torch" in r["ms"] else ""))
             + (f"; graph breaks while timing: {r['graph_breaks_while_timing']}, recompiles: "
                f"{r['recompiles_while_timing']}" if r["compiled"] else "") + ".",
             "",
@@ -255,7 +271,8 @@ def report(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--methods", default=",".join(METHODS), help="frozen and hifi at least")
+    parser.add_argument("--methods", default=None,
+                        help=f"frozen and hifi at least, of {','.join(METHODS)} (default: all; hifi-torch on a GPU only)")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--steps", type=int, default=None,
@@ -268,7 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help='compiled with mode="reduce-overhead"')
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "host-overhead")
     args = parser.parse_args(argv)
-    methods = tuple(args.methods.split(","))
+    methods = tuple(args.methods.split(",")) if args.methods else tuple(
+        m for m in METHODS if m != "hifi-torch" or args.device == "cuda")
     if not {"frozen", "hifi"} <= set(methods) or not set(methods) <= set(METHODS):
         parser.error(f"--methods: frozen, hifi and any of {', '.join(METHODS)}; got {args.methods}")
     torch.set_num_threads(1)
@@ -277,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     for layers, compiled in modes:
         for shape in args.shapes.split(","):
             steps = args.steps or (25 if compiled else 5)
+            timed = tuple(m for m in methods if not (compiled and m in VARIANT_ENV))
             results.append(measure(shape, layers, args.rounds, steps, compiled, not args.eager_optimizer,
-                                   methods, args.device, args.cuda_graphs and compiled))
+                                   timed, args.device, args.cuda_graphs and compiled))
             text = report(results)
             print(text.split("## ")[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
