@@ -213,3 +213,26 @@ def test_damaged_cache_is_rebuilt(monkeypatch, tmp_path):
     built = []
     monkeypatch.setattr(native, "_build", lambda p: built.append(p) or "rebuilt")
     assert native.build_or_load() == "rebuilt" and built == [path]
+
+
+def test_node_backward_is_differentiable_with_create_graph(native_mode):
+    """A gradient penalty (``create_graph=True``) differentiates the backward, as the Python Function
+    does: the same second-order gradients. (Both take the input gradient from the base weight, which
+    holds the slice values, so neither sees that gradient's own dependence on the slices.)"""
+    from hifi_fast.adapters import ProjectionSlice
+    from hifi_fast.tuning.modules import convert
+
+    results = {}
+    for mode in ("1", "0"):
+        native_mode(mode)
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(4, 6, dtype=torch.float64).requires_grad_(False)
+        convert(layer, ProjectionSlice("query", "rows", (0, 4), 2))  # two separated head blocks
+        assert (layer.hifi_native is not None) == (mode == "1")
+        x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+        slices = [x, layer.hifi_weight, layer.hifi_bias]
+        grads = torch.autograd.grad((layer(x) ** 2).sum(), slices, create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
+        results[mode] = [t.grad for t in slices]
+    for got, want in zip(*results.values()):
+        assert got is not None and torch.equal(got, want)

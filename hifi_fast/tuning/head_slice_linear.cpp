@@ -38,6 +38,9 @@ struct HeadSliceLinear : public torch::autograd::Function<HeadSliceLinear> {
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["start"] = start;
     ctx->saved_data["length"] = length;
+    // Grad mode is off here: skip the autograd and view-tracking layers of the ops (as torchvision's
+    // C++ autograd Functions do); the node records the graph.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     return at::linear(x, weight, bias);
   }
 
@@ -48,6 +51,11 @@ struct HeadSliceLinear : public torch::autograd::Function<HeadSliceLinear> {
     const at::Tensor& index = saved[2];
     const at::Tensor& grad_out = grads[0];
     variable_list result(kArgs);
+    // The same below the autograd layers, unless a graph of the backward is asked for (create_graph).
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) {
+      below_autograd.emplace();
+    }
     if (ctx->needs_input_grad(kX)) {
       // Under autocast the gradient is in the autocast dtype and the weight in its own.
       result[kX] = grad_out.matmul(weight.scalar_type() == grad_out.scalar_type() ? weight : weight.to(grad_out.scalar_type()));
