@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,28 @@ def test_unsupported_model_lists_supported_types():
                r"model types: bert, roberta.*; the general adapter, tried for other model types, refused it: .*conv")
     with unchanged(model):
         for call in (lambda: hifi_fast.score_heads(model, [tiny_batch()]), lambda: hifi_fast.patch(model, hifi_fast.HeadSelection({0: [0]}))):
+            with pytest.raises(hifi_fast.UnsupportedModelError, match=message):
+                call()
+
+
+def _cross_attention_decoder(family: str):
+    from transformers import BertConfig, BertLMHeadModel, GPT2Config, GPT2LMHeadModel
+
+    if family == "bert":
+        return BertLMHeadModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                          intermediate_size=32, is_decoder=True, add_cross_attention=True))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, add_cross_attention=True))
+
+
+@pytest.mark.parametrize("family, where", [("bert", "bert.encoder.layer.0.crossattention"),
+                                           ("gpt2", "transformer.h.0.crossattention")])
+def test_cross_attention_the_adapter_does_not_map_is_refused(family, where):
+    """BERT/GPT-2 decoders built with add_cross_attention=True: their cross-attention would be
+    neither scored nor trained, so they are refused rather than patched in part."""
+    model = _cross_attention_decoder(family)
+    message = rf"has cross-attention layers \('{re.escape(where)}'; add_cross_attention=True\).*encoder-decoder families"
+    with unchanged(model):
+        for call in (lambda: hifi_fast.score_heads(model, [tiny_batch()]), lambda: hifi_fast.patch(model)):
             with pytest.raises(hifi_fast.UnsupportedModelError, match=message):
                 call()
 

@@ -178,9 +178,22 @@ class ArchitectureAdapter:
     task_heads: tuple[str, ...] = ()
     input_key: str = "input_ids"
     pads_inputs: bool = False
+    # Cross-attention modules a model of this family can have that the adapter does not map (BERT's
+    # and GPT-2's with ``add_cross_attention=True``): refused rather than left out silently.
+    unmapped_cross_attention: str = ""
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` for a model of this family that cannot be patched as is."""
+        if not self.unmapped_cross_attention:
+            return
+        regex = re.compile(self.unmapped_cross_attention)
+        name = next((n for n, _ in model.named_modules() if (m := regex.search(n)) and m.end() == len(n)), None)
+        if name is not None:
+            raise UnsupportedModelError(
+                f"hifi_fast does not patch {type(model).__name__}: it has cross-attention layers ({name!r}; "
+                f"add_cross_attention=True), which {self.describe_name()} does not map, so HiFi would score and "
+                "train its self-attention only; cross-attention is supported in the encoder-decoder families "
+                "(T5, BART and the like)")
 
     def head_config(self, model: nn.Module):
         """The config holding the head counts."""

@@ -8,6 +8,7 @@ class BertAdapter(ArchitectureAdapter):
     layer_pattern = r"encoder\.layer\.(\d+)\.attention"
     q, k, v, o = "self.query", "self.key", "self.value", "output.dense"
     task_heads = ("classifier",)
+    unmapped_cross_attention = r"encoder\.layer\.\d+\.crossattention"
 
 
 class DistilBertAdapter(ArchitectureAdapter):

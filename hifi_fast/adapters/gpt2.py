@@ -9,3 +9,4 @@ class GPT2Adapter(ArchitectureAdapter):
     qkv, o = "c_attn", "c_proj"
     heads_attr = "n_head"
     task_heads = ("score",)
+    unmapped_cross_attention = r"\bh\.\d+\.crossattention"

@@ -17,6 +17,7 @@ requires it (an error says why it cannot load).
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
@@ -58,7 +59,7 @@ def library_path() -> Path:
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), sys.platform.encode(),
                  " ".join(_CFLAGS).encode()):
         key.update(part)
-    return cache_dir() / f"{MODULE_NAME}_{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{MODULE_NAME}_{key.hexdigest()[:16]}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
 
 
 def _import(path: Path) -> ModuleType:
