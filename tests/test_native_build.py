@@ -4,6 +4,8 @@ the package's other dependencies, so it loads ``native.py`` by path rather than 
 """
 import importlib.util
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,18 @@ def test_fresh_build_leaves_only_the_library_and_is_then_loaded(tmp_path, monkey
 
     monkeypatch.setattr(native, "_build", no_build)
     extension = native.build_or_load()
+    monkeypatch.undo()
+
+    # A second build in the same process (another cache) installs a library that loads too: torch
+    # numbers a name's later builds in a process (name_v1), which would not load under the name.
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "second"))
+    native.build_or_load()
+    # loaded in a fresh process: in this one, the name imports as the module already loaded
+    code = ("import importlib.util, sys, torch; spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2]); "
+            "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); print(module.ROWS_RUN)")
+    loaded = subprocess.run([sys.executable, "-c", code, native.MODULE_NAME, str(native.library_path())],
+                            capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "0", loaded.stderr[-2000:]
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)

@@ -236,3 +236,26 @@ def test_state_dict_is_the_plain_models_and_load_refreshes_the_slices():
     plain.load_state_dict(state)
     batch = tiny_batch(seed=4)
     torch.testing.assert_close(plain(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+def test_a_patched_model_pickles_whole(family):
+    """``torch.save(model)`` / ``torch.load``: the copy computes the same logits and trains its own
+    slices (its hooks and cached call arguments are rebuilt on unpickling)."""
+    import io
+
+    model = hifi_fast.patch(tiny_model(family), hifi_fast.HeadSelection({0: [0, 2], 1: [1]}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "hifi_weight" in name:
+                p.add_(0.5)  # slices that differ from the base weight's original values
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copy_ = torch.load(buffer, weights_only=False)
+    batch = tiny_batch()
+    torch.testing.assert_close(copy_(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    copy_(**batch).loss.backward()
+    slices = {n: p for n, p in copy_.named_parameters() if "hifi_" in n}
+    assert slices and all(p.grad is not None for p in slices.values())
+    assert all(p.grad is None for n, p in model.named_parameters())  # the original is untouched
+    assert copy_.state_dict().keys() == model.state_dict().keys()

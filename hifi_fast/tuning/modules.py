@@ -146,9 +146,9 @@ class HeadSliceMixin:
         self._cache_call_args()
         self.hifi_synced = self.slice_state()
         self.hifi_hooks = [
-            self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_for_state_dict()),
+            self.register_state_dict_pre_hook(_sync_before_state_dict),
             self.register_state_dict_post_hook(_drop_slice_keys),
-            self.register_load_state_dict_pre_hook(lambda module, *args: module.sync_slices()),
+            self.register_load_state_dict_pre_hook(_sync_before_load),
             self.register_load_state_dict_post_hook(_refresh_after_load),
         ]
 
@@ -338,6 +338,15 @@ def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
     if isinstance(target, DTensor):
         target, value = target.to_local(), distribute_tensor(value, target.device_mesh, target.placements).to_local()
     target.copy_(value)
+
+
+# The hooks are module-level functions, not lambdas: a patched model pickles (``torch.save(model)``).
+def _sync_before_state_dict(module, prefix, keep_vars) -> None:
+    module.sync_for_state_dict()
+
+
+def _sync_before_load(module, *args) -> None:
+    module.sync_slices()
 
 
 def _drop_slice_keys(module, state_dict, prefix, local_metadata) -> None:

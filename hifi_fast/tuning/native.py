@@ -70,14 +70,21 @@ def _import(path: Path) -> ModuleType:
 
 
 def _build(path: Path) -> ModuleType:
-    from torch.utils.cpp_extension import load
+    from torch.utils import cpp_extension
 
     logger.warning("hifi_fast: building the C++ autograd node of the head-slice layer (once per torch "
                    "version, about 30 s) into %s; HIFI_FAST_NATIVE=0 skips it", path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix="build-") as build:
-        module = load(MODULE_NAME, [str(SOURCE)], extra_cflags=list(_CFLAGS), build_directory=build, verbose=False)
-        os.replace(module.__file__, path)
+        # load() numbers a name's builds within a process (name_v1, ...) whenever the build folder
+        # differs; the cached library must define MODULE_NAME's init function for later loads
+        cpp_extension.JIT_EXTENSION_VERSIONER.entries.pop(MODULE_NAME, None)
+        module = cpp_extension.load(MODULE_NAME, [str(SOURCE)], extra_cflags=list(_CFLAGS), build_directory=build,
+                                    verbose=False)
+        if module.__name__ != MODULE_NAME:
+            raise RuntimeError(f"torch built the node as {module.__name__!r}, not {MODULE_NAME!r}; not cached")
+        # the library just built (not module.__file__: a second build in a process imports as the first)
+        os.replace(Path(build) / f"{MODULE_NAME}{cpp_extension.LIB_EXT}", path)
     return module
 
 
