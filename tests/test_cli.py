@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shlex
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -292,3 +293,50 @@ def test_finetune_with_a_task_aware_score(score, tiny_model_dir, tiny_csv, tmp_p
     assert cli.main(finetune_argv(tiny_model_dir, tiny_csv, initial, "--score", score, "--heads-per-layer",
                                   "1", "--task-head", "initial", "--epochs", "1", "--no-save")) == 0
     assert json.loads((initial / "run_config.json").read_text())["hifi_config"]["keep_warmed_head"] is False
+
+
+@pytest.mark.parametrize("env, offline", [(None, True), ("1", True), ("0", False)])
+def test_the_command_line_stays_offline_unless_told(env, offline, monkeypatch, tmp_path):
+    """huggingface_hub reads HF_HUB_OFFLINE when hifi_fast imports transformers, before the CLI sets
+    its default: ``main`` makes the default hold (a model name was tried on the network first)."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", not offline)
+    if env is None:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", env)
+    assert cli.main(["predict", "--checkpoint", str(tmp_path / "no-run"), "--text", "x"]) == 2
+    assert hub.HF_HUB_OFFLINE is offline
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "nan", "--lr must be a finite number > 0, got nan"),
+    ("--lr", "inf", "--lr must be a finite number > 0, got inf"),
+    ("--weight-decay", "-1", "--weight-decay must be a finite number >= 0, got -1.0"),
+    ("--warmup-ratio", "nan", "--warmup-ratio must be between 0 and 1, got nan"),
+    ("--warmup-ratio", "5", "--warmup-ratio must be between 0 and 1, got 5.0"),
+    ("--damping", "1.5", r"--damping must be in \[0, 1\), got 1.5"),
+    ("--lora-alpha", "-16", "--lora-alpha must be a finite number > 0, got -16.0"),
+])
+@pytest.mark.parametrize("command", ["finetune", "compare"])
+def test_bad_numbers_are_refused_before_any_work(command, flag, value, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main([command, "--output-dir", str(out), flag, value]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()  # refused before a run folder exists
+
+
+@pytest.mark.parametrize("flag, value, message", [("--batch-size", "0", "--batch-size must be >= 1, got 0"),
+                                                  ("--max-length", "1", "--max-length must be >= 2, got 1")])
+def test_predict_refuses_bad_sizes(flag, value, message, tmp_path, capsys):
+    assert cli.main(["predict", "--checkpoint", str(tmp_path), "--text", "x", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods, message", [("hifi,hifi", "names a method twice"), ("", "--methods: empty; choose from"),
+                                              ("hifi,best", r"--methods: unknown \['best'\]")])
+def test_compare_refuses_bad_method_lists(methods, message, tmp_path, capsys):
+    assert cli.main(["compare", "--output-dir", str(tmp_path / "cmp"), "--methods", methods]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "cmp").exists()

@@ -123,3 +123,19 @@ def test_load_state_refuses_a_state_it_cannot_continue_and_changes_nothing(tmp_p
         load_state(tmp_path, regrouped, optimizer, scheduler)
     assert len(optimizer.param_groups) == 3
     torch.testing.assert_close(optimizer.state_dict()["state"], optimizer_state["state"], rtol=0, atol=0)
+
+
+def test_a_method_run_by_compare_resumes(tiny_model_dir, tiny_csv, tmp_path):  # noqa: F811
+    """``compare`` saves its own arguments (``--methods``, no ``--method``) in each method's run:
+    ``finetune --resume`` on one takes the method from the run (it raised AttributeError)."""
+    out = tmp_path / "cmp"
+    argv = finetune_argv(tiny_model_dir, tiny_csv, out, "--heads-per-layer", "1", "--threads", "1",
+                         "--methods", "hifi", "--in-process", "--save-every", "3")
+    assert cli.main(["compare", *argv[1:]]) == 0
+    run = out / "hifi"
+    want = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").unlink()  # as if interrupted after its last saved state
+    assert (run / STATE_NAME).is_file()
+    assert cli.main(["finetune", "--resume", str(run), "--quiet", "--threads", "1"]) == 0
+    got = json.loads((run / "metrics.json").read_text())
+    assert got["trainable_params"] == want["trainable_params"] and got["selected_heads"] == want["selected_heads"]

@@ -48,8 +48,18 @@ __all__ = ["FROZEN_WEIGHTS", "CLIError", "build_parser", "load_run", "main", "ru
            "run_finetune_causal_lm", "run_generate", "run_predict"]
 
 
+def _stay_offline() -> None:
+    """Make ``HF_HUB_OFFLINE`` (``1`` unless set otherwise) hold: ``huggingface_hub`` read it when
+    ``hifi_fast`` imported transformers, before this module set its default, and would otherwise
+    retry a model name on the network for half a minute before looking in the local cache."""
+    import huggingface_hub.constants as hub
+
+    hub.HF_HUB_OFFLINE = os.environ.get("HF_HUB_OFFLINE", "1").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hifi-fast`` / ``python -m hifi_fast``; returns the exit status."""
+    _stay_offline()
     parser = build_parser()
     args = parser.parse_args(normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     from hifi_fast.cli.data import DataError

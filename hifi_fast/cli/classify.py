@@ -137,6 +137,10 @@ def run_predict(args) -> list[dict]:
     from hifi_fast.cli.train import predict_logits
 
     quiet_transformers(True)
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_length is not None and args.max_length < 2:
+        raise CLIError(f"--max-length must be >= 2, got {args.max_length}")
     texts = list(args.text)
     if args.input:
         path = Path(args.input)

@@ -42,7 +42,9 @@ def run_compare(args) -> list[dict]:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise CLIError(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise CLIError(f"--methods: {f'unknown {unknown}' if unknown else 'empty'}; choose from {', '.join(METHODS)}")
+    if len(set(methods)) < len(methods):  # each method runs into its own folder, <output-dir>/<method>
+        raise CLIError(f"--methods: {args.methods!r} names a method twice; each runs once")
     console = Console(args.quiet)
     args.threads = args.threads or auto_threads()[0]  # once, so that every method runs with the same
     out_dir = Path(args.output_dir or default_output_dir("compare"))

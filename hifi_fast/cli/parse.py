@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ..config import DEFAULT_HEADS_PER_LAYER, DEFAULT_SCORE, SCORES
 from .console import CLIError
@@ -172,8 +173,18 @@ def check_args(args) -> None:
         raise CLIError(f"--max-length must be >= 2, got {args.max_length}")
     if not 0 < args.eval_fraction < 1:
         raise CLIError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
-    if args.lr is not None and args.lr <= 0:
-        raise CLIError(f"--lr must be > 0, got {args.lr}")
+    if args.lr is not None and not 0 < args.lr < math.inf:  # NaN fails every comparison
+        raise CLIError(f"--lr must be a finite number > 0, got {args.lr}")
+    weight_decay, warmup = getattr(args, "weight_decay", 0.0), getattr(args, "warmup_ratio", 0.0)
+    damping, alpha = getattr(args, "damping", 0.85), getattr(args, "lora_alpha", 16.0)
+    if not 0 <= weight_decay < math.inf:
+        raise CLIError(f"--weight-decay must be a finite number >= 0, got {weight_decay}")
+    if not 0 <= warmup <= 1:
+        raise CLIError(f"--warmup-ratio must be between 0 and 1, got {warmup}")
+    if not 0 <= damping < 1:
+        raise CLIError(f"--damping must be in [0, 1), got {damping}")
+    if not 0 < alpha < math.inf:
+        raise CLIError(f"--lora-alpha must be a finite number > 0, got {alpha}")
     if args.threads is not None and args.threads < 1:
         raise CLIError(f"--threads must be >= 1, got {args.threads}")
     if args.save_every < 0:

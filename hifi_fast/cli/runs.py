@@ -87,10 +87,13 @@ def resumed_args(args) -> argparse.Namespace:
     if not (run_dir / STATE_NAME).is_file():
         raise CLIError(f"--resume {run_dir}: no saved training state ({STATE_NAME}); a run saves one every N "
                        "steps when started with --save-every N")
-    saved = json.loads((run_dir / RUN_CONFIG).read_text())["args"]
+    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
+    saved = run_config["args"]
     ours = {k: getattr(args, k) for k in ("resume", "quiet", "threads", "device")}
     defaults = {"task": "classification", "prompt_column": None}  # runs saved before these options
-    return argparse.Namespace(**{**defaults, **saved, **ours, "output_dir": str(run_dir)})
+    # a method run by `compare` saved compare's arguments, which name no single method
+    method = {"method": run_config["method"]} if "method" not in saved else {}
+    return argparse.Namespace(**{**defaults, **saved, **method, **ours, "output_dir": str(run_dir)})
 
 
 def load_run(checkpoint: str | os.PathLike, model_path: str | None = None):
