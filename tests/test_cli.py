@@ -340,3 +340,15 @@ def test_compare_refuses_bad_method_lists(methods, message, tmp_path, capsys):
     assert cli.main(["compare", "--output-dir", str(tmp_path / "cmp"), "--methods", methods]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("base, message", [
+    ("some-org/some-model", "cannot load a tokenizer from some-org/some-model"),  # a hub name: tried (cache only)
+    ("/no/such/model/dir", "the base model /no/such/model/dir recorded in .* is not there any more; pass --model DIR"),
+])
+def test_predict_tries_a_recorded_hub_name_and_refuses_a_vanished_path(base, message, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text(json.dumps({"method": "frozen", "base_model_name_or_path": base}))
+    assert cli.main(["predict", "--checkpoint", str(run), "--text", "x"]) == 2
+    assert re.search(message, capsys.readouterr().err)

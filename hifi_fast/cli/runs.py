@@ -125,7 +125,8 @@ def load_run(checkpoint: str | os.PathLike, model_path: str | None = None):
         base = model_path or run_config.get("base_model_name_or_path")
     if not base:
         raise CLIError(f"--checkpoint {run_dir}: the base model path is not recorded; pass --model DIR")
-    if not os.path.exists(base) and model_path is None:
+    # finetune records a local model as its absolute path and a hub name (cached) as given
+    if os.path.isabs(base) and not os.path.exists(base) and model_path is None:
         raise CLIError(f"the base model {base} recorded in {run_dir} is not there any more; pass --model DIR")
     tokenizer = load_tokenizer(base)
     label_names = label_names_of(run_config, None, hifi_dir=run_dir if method == "hifi" else None)
