@@ -150,6 +150,13 @@ def verify_layer(layer: AttentionLayer, modules: dict[str, nn.Module], what: str
                 f"expected {detail} = {want}")
 
 
+def _modules_named(model: nn.Module, pattern: str) -> list[tuple[str, re.Match]]:
+    """``(name, match)`` of the modules whose full name ends with a match of ``pattern``."""
+    regex = re.compile(pattern)
+    return [(name, match) for name, _ in model.named_modules()
+            if (match := regex.search(name)) and match.end() == len(name)]
+
+
 class ArchitectureAdapter:
     """Finds the attention layers of one family of models.
 
@@ -184,11 +191,9 @@ class ArchitectureAdapter:
 
     def check(self, model: nn.Module) -> None:
         """Raise ``UnsupportedModelError`` for a model of this family that cannot be patched as is."""
-        if not self.unmapped_cross_attention:
-            return
-        regex = re.compile(self.unmapped_cross_attention)
-        name = next((n for n, _ in model.named_modules() if (m := regex.search(n)) and m.end() == len(n)), None)
-        if name is not None:
+        unmapped = _modules_named(model, self.unmapped_cross_attention) if self.unmapped_cross_attention else []
+        if unmapped:
+            name = unmapped[0][0]
             raise UnsupportedModelError(
                 f"hifi_fast does not patch {type(model).__name__}: it has cross-attention layers ({name!r}; "
                 f"add_cross_attention=True), which {self.describe_name()} does not map, so HiFi would score and "
@@ -219,12 +224,7 @@ class ArchitectureAdapter:
         order and numbered 0, 1, ..., with this adapter's projection names relative to them, each
         checked by ``verify_layer``; ``mask``: the batch entry masking their tokens."""
         num_heads, num_kv_heads = self.num_heads(model), self.num_kv_heads(model)
-        regex = re.compile(pattern)
-        found: dict[int, str] = {}
-        for name, _ in model.named_modules():
-            match = regex.search(name)
-            if match and match.end() == len(name):
-                found[int(match.group(1))] = name
+        found = {int(match.group(1)): name for name, match in _modules_named(model, pattern)}
         modules = dict(model.named_modules())
         relative = {part: getattr(self, part) for part in ("q", "k", "v", "qkv", "o")}
         layers = []

@@ -8,7 +8,7 @@ from pathlib import Path
 from .console import CLIError, Console, quiet_transformers
 from .loading import auto_threads, load_classifier, load_tokenizer, model_label, resolve_device, resolve_model_path
 from .methods import save_method, setup_method
-from .parse import DEFAULT_LR, check_args
+from .parse import DEFAULT_LR, check_args, check_sizes
 from .report import print_summary
 from .runs import METRICS, default_output_dir, dir_size_mb, load_run, record_start, run_config_of, write_json
 
@@ -137,10 +137,7 @@ def run_predict(args) -> list[dict]:
     from hifi_fast.cli.train import predict_logits
 
     quiet_transformers(True)
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.max_length is not None and args.max_length < 2:
-        raise CLIError(f"--max-length must be >= 2, got {args.max_length}")
+    check_sizes(args)
     texts = list(args.text)
     if args.input:
         path = Path(args.input)

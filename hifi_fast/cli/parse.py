@@ -164,13 +164,18 @@ def normalise_argv(argv: list[str]) -> list[str]:
     return ["finetune", *argv]
 
 
-def check_args(args) -> None:
+def check_sizes(args) -> None:
+    """The counts and sizes a command takes (``predict``'s too: ``--max-length`` may be unset there)."""
     for name in ("epochs", "batch_size", "heads_per_layer", "scoring_examples", "lora_r", "max_consecutive_skips"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.max_length < 2:
+    if args.max_length is not None and args.max_length < 2:
         raise CLIError(f"--max-length must be >= 2, got {args.max_length}")
+
+
+def check_args(args) -> None:
+    check_sizes(args)
     if not 0 < args.eval_fraction < 1:
         raise CLIError(f"--eval-fraction must be between 0 and 1, got {args.eval_fraction}")
     if args.lr is not None and not 0 < args.lr < math.inf:  # NaN fails every comparison
